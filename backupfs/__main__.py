@@ -1,0 +1,3 @@
+from backupfs.cli import main
+
+raise SystemExit(main())

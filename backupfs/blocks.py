@@ -1,0 +1,117 @@
+"""The read path: cached blocks, one in-flight fetch per block, readahead.
+
+Concurrency model (all on one trio thread): `_pending` maps a block key to the fetch
+that will deliver it. A fetch task runs in the daemon's nursery, not in the reading
+FUSE task, so an interrupted reader cannot cancel a fetch others wait on. Between two
+awaits the cache and `_pending` are consistent: a block is either cached, pending, or
+neither, and only `_start_fetches` moves it to pending.
+"""
+
+import logging
+
+import trio
+
+from backupfs.cache import BlockCache
+from backupfs.errors import FetchError
+from backupfs.ranges import block_range, block_span, contiguous_runs, slice_blocks
+from backupfs.readahead import StreamTracker
+from backupfs.remote import Image, StoreClient
+from backupfs.stats import Stats
+
+log = logging.getLogger(__name__)
+BlockKey = tuple[int, int]
+
+
+class _Pending:
+    __slots__ = ("done", "block", "error")
+
+    def __init__(self) -> None:
+        self.done = trio.Event()
+        self.block: bytes | None = None
+        self.error: Exception | None = None
+
+
+class BlockReader:
+    def __init__(
+        self,
+        store: StoreClient,
+        cache: BlockCache,
+        nursery: trio.Nursery,
+        request_size: int,
+        stats: Stats,
+    ) -> None:
+        self.store = store
+        self.cache = cache
+        self.nursery = nursery
+        self.request_size = request_size
+        self.stats = stats
+        self._pending: dict[BlockKey, _Pending] = {}
+
+    async def read(self, image: Image, offset: int, size: int, tracker: StreamTracker) -> bytes:
+        """Exactly `size` bytes at `offset`, fewer only at end of file; raises FetchError."""
+        bs = image.block_size
+        needed = block_range(offset, size, bs, image.size_bytes)
+        if not needed:
+            return b""
+        blocks = [self.cache.get((image.image_id, n)) for n in needed]
+        self._start_fetches(image, [n for n, b in zip(needed, blocks, strict=True) if b is None])
+        ahead = tracker.on_read(offset, size)
+        if ahead is not None:
+            start, end = ahead
+            self._start_fetches(image, block_range(start, end - start, bs, image.size_bytes))
+        for i, block_no in enumerate(needed):
+            if blocks[i] is None:
+                blocks[i] = await self._wait(image, block_no)
+        data = slice_blocks(blocks, needed[0], bs, offset, size)  # type: ignore[arg-type]
+        self.stats.bytes_served += len(data)
+        return data
+
+    def _start_fetches(self, image: Image, block_nos: range | list[int]) -> None:
+        todo = [
+            n
+            for n in block_nos
+            if (image.image_id, n) not in self._pending and (image.image_id, n) not in self.cache
+        ]
+        max_blocks = max(1, self.request_size // image.block_size)
+        for first, end in contiguous_runs(todo, max_blocks):
+            for n in range(first, end):
+                self._pending[(image.image_id, n)] = _Pending()
+            self.nursery.start_soon(self._fetch_run, image, first, end)
+
+    async def _wait(self, image: Image, block_no: int) -> bytes:
+        key = (image.image_id, block_no)
+        pending = self._pending.get(key)
+        if pending is None:
+            block = self.cache.get(key)
+            if block is not None:
+                return block
+            self._start_fetches(image, [block_no])
+            pending = self._pending[key]
+        await pending.done.wait()
+        if pending.error is not None:
+            raise pending.error
+        assert pending.block is not None
+        return pending.block
+
+    async def _fetch_run(self, image: Image, first: int, end: int) -> None:
+        keys = [(image.image_id, n) for n in range(first, end)]
+        error: Exception = FetchError("fetch cancelled", transient=False)
+        try:
+            start = block_span(first, image.block_size, image.size_bytes)[0]
+            stop = block_span(end - 1, image.block_size, image.size_bytes)[1]
+            blocks = await self.store.fetch_range(image, start, stop, image.block_size)
+            for key, block in zip(keys, blocks, strict=True):
+                self.cache.put(key, block)
+                pending = self._pending.pop(key)
+                pending.block = block
+                pending.done.set()
+        except Exception as exc:
+            log.warning("read of %s blocks [%d,%d) failed: %s", image.url, first, end, exc)
+            self.stats.read_errors += 1
+            error = exc
+        finally:
+            for key in keys:
+                left = self._pending.pop(key, None)
+                if left is not None:
+                    left.error = error
+                    left.done.set()

@@ -1,0 +1,84 @@
+"""Checks on ranged HTTP responses, as pure functions of status, headers and body.
+
+A check either passes or raises `FetchError`; `transient` says whether another attempt
+might succeed.
+"""
+
+import hashlib
+import re
+from collections.abc import Mapping
+
+from backupfs.errors import FetchError
+
+_CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
+
+
+def parse_content_range(value: str) -> tuple[int, int, int | None]:
+    """`bytes 0-99/1000` -> (0, 100, 1000): half-open start/end and the total size."""
+    m = _CONTENT_RANGE.fullmatch(value.strip())
+    if not m:
+        raise FetchError(f"malformed Content-Range {value!r}", transient=True)
+    total = None if m.group(3) == "*" else int(m.group(3))
+    return int(m.group(1)), int(m.group(2)) + 1, total
+
+
+def validator_of(headers: Mapping[str, str]) -> str | None:
+    """What identifies this version of the object: strong ETag, else Last-Modified."""
+    etag = headers.get("etag")
+    if etag and not etag.startswith("W/"):
+        return f"etag:{etag}"
+    modified = headers.get("last-modified")
+    return f"modified:{modified}" if modified else None
+
+
+def check_status(status: int, url_for_log: str) -> None:
+    """Status of a ranged GET, before its body is read."""
+    if status == 206:
+        return
+    if status == 200:
+        raise FetchError(
+            f"{url_for_log}: server ignored the Range header (200)", transient=False, status=200
+        )
+    transient = status >= 500 or status == 429
+    raise FetchError(f"{url_for_log}: HTTP {status}", transient=transient, status=status)
+
+
+def check_range_headers(
+    headers: Mapping[str, str], start: int, end: int, total: int, pinned: str | None
+) -> str | None:
+    """Content-Range and validator of a 206 reply for bytes `[start, end)` of a `total`-byte file.
+
+    Returns the reply's validator; raises if it differs from `pinned` (the image changed).
+    """
+    got = parse_content_range(headers.get("content-range", ""))
+    if got != (start, end, total) and got[:2] == (start, end) and got[2] is None:
+        got = (start, end, total)
+    if got != (start, end, total):
+        raise FetchError(
+            f"Content-Range {got} does not match the request ({start}, {end}, {total})",
+            transient=True,
+        )
+    validator = validator_of(headers)
+    if pinned is not None and validator is not None and validator != pinned:
+        raise FetchError(f"image changed on the server ({pinned} -> {validator})", transient=False)
+    return validator
+
+
+def split_verified(
+    body: bytes, start: int, block_size: int, digests: list[bytes] | None, digest_block_size: int
+) -> list[bytes]:
+    """Check a body read from byte `start` against the store's per-block SHA-256 digests, then
+    cut it into cache blocks. `start` is a multiple of both block sizes. Runs in a worker thread.
+    """
+    if digests is not None:
+        first = start // digest_block_size
+        view = memoryview(body)
+        for i, pos in enumerate(range(0, len(body), digest_block_size)):
+            chunk = view[pos : pos + digest_block_size]
+            if hashlib.sha256(chunk).digest() != digests[first + i]:
+                raise FetchError(
+                    f"bytes at offset {start + pos} do not match their SHA-256", transient=True
+                )
+    if len(body) <= block_size:
+        return [body]
+    return [body[i : i + block_size] for i in range(0, len(body), block_size)]

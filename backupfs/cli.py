@@ -1,0 +1,159 @@
+"""Command line: parse arguments, run a command, turn failures into one line and an exit code."""
+
+import argparse
+import json
+import logging
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import trio
+
+from backupfs import __version__
+from backupfs.errors import UserError
+from backupfs.indexer import DEFAULT_BLOCK_SIZE, index_store
+from backupfs.manifest import Catalogue
+from backupfs.options import MountOptions, parse_options, parse_size
+from backupfs.remote import StoreClient, check_base_url, make_client, read_token
+from backupfs.stats import Stats
+from backupfs.store import load_catalogue
+
+log = logging.getLogger("backupfs")
+
+
+def cmd_index(args: argparse.Namespace) -> int:
+    block_size = parse_size(args.block_size, "--block-size")
+    catalogue = index_store(Path(args.store), block_size, say=lambda m: print(m, flush=True))
+    disks = sum(len(s.disks) for s in catalogue.snapshots)
+    print(f"indexed {len(catalogue.snapshots)} snapshots, {disks} disks")
+    return 0
+
+
+async def _fetch_catalogue(url: str, opts: MountOptions) -> Catalogue:
+    async with make_client(opts, read_token(_path(opts.token_file))) as client:
+        return await load_catalogue(StoreClient(client, url, opts, Stats()))
+
+
+def _path(p: Path | None) -> str | None:
+    return None if p is None else str(p)
+
+
+def _human(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if size < 1024 or unit == "TiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    raise AssertionError
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    url = check_base_url(args.url)
+    catalogue = trio.run(_fetch_catalogue, url, parse_options(args.o))
+    rows: list[dict[str, str | int]] = [
+        {
+            "host": s.host,
+            "snapshot": s.name,
+            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(s.time_ns // 10**9)),
+            "disk": d.name,
+            "size_bytes": d.size_bytes,
+        }
+        for s in catalogue.snapshots
+        for d in s.disks
+    ]
+    if args.json:
+        json.dump(rows, sys.stdout, indent=1)
+        print()
+        return 0
+    print(f"{'HOST':<16} {'SNAPSHOT':<22} {'TIME (UTC)':<20} {'DISK':<16} {'SIZE':>10}")
+    for r in rows:
+        print(
+            f"{r['host']:<16} {r['snapshot']:<22} {r['time']:<20} {r['disk']:<16} "
+            f"{_human(int(r['size_bytes'])):>10}"
+        )
+    return 0
+
+
+def cmd_mount(args: argparse.Namespace) -> int:
+    from backupfs import daemon  # imports pyfuse3; keep other commands free of it
+
+    url = check_base_url(args.url)
+    opts = parse_options(args.o)
+    token = read_token(_path(opts.token_file))
+    mountpoint = daemon.check_mountpoint(args.mountpoint)
+    if args.foreground:
+        daemon.run_foreground(url, mountpoint, opts, token)
+    else:
+        wait_s = opts.timeout * (opts.retries + 1) * 2 + 30
+        daemon.run_background(url, mountpoint, opts, token, wait_s)
+    return 0
+
+
+def cmd_umount(args: argparse.Namespace) -> int:
+    proc = subprocess.run(
+        ["fusermount3", "-u", args.mountpoint], capture_output=True, text=True, timeout=60
+    )
+    if proc.returncode != 0:
+        reason = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "failed"
+        raise UserError(f"cannot unmount {args.mountpoint}: {reason}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="backupfs", description="Browse and restore files from disk-image backups over HTTP."
+    )
+    parser.add_argument("--version", action="version", version=f"backupfs {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("index", help="write store metadata for STORE/<host>/<snapshot>/*.img")
+    p.add_argument("store", metavar="STORE_DIR")
+    p.add_argument(
+        "--block-size",
+        default=str(DEFAULT_BLOCK_SIZE),
+        help="digest block size for newly hashed images (default 256K)",
+    )
+    p.set_defaults(func=cmd_index)
+
+    p = sub.add_parser("ls", help="list hosts, snapshots and disks of a store")
+    p.add_argument("url", metavar="URL")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument(
+        "-o",
+        action="append",
+        default=[],
+        metavar="OPT,...",
+        help="options as for mount (token_file=, timeout=, ...)",
+    )
+    p.set_defaults(func=cmd_ls)
+
+    p = sub.add_parser("mount", help="mount a store as a read-only tree of disk images")
+    p.add_argument("url", metavar="URL")
+    p.add_argument("mountpoint", metavar="MOUNTPOINT")
+    p.add_argument("-f", "--foreground", action="store_true", help="stay in the foreground")
+    p.add_argument("-o", action="append", default=[], metavar="OPT,...", help="mount options")
+    p.set_defaults(func=cmd_mount)
+
+    p = sub.add_parser("umount", help="unmount a backupfs mount")
+    p.add_argument("mountpoint", metavar="MOUNTPOINT")
+    p.set_defaults(func=cmd_umount)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.WARNING, format="backupfs: %(message)s")
+    try:
+        return int(args.func(args))
+    except UserError as exc:
+        print(f"backupfs: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("backupfs: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # a bug: one line for the user, the traceback in the log
+        log.debug("internal error", exc_info=True)
+        print(f"backupfs: internal error: {exc!r}", file=sys.stderr)
+        return 70

@@ -1,0 +1,180 @@
+"""The mount daemon: build everything in one nursery, mount, serve, tear down in reverse.
+
+`backupfs mount` without -f forks before any trio runtime exists; the child reports
+"ready" or a one-line error through a pipe, and the parent waits for it with a deadline.
+"""
+
+import contextlib
+import logging
+import logging.handlers
+import os
+import select
+import signal
+import socket
+from collections.abc import Callable
+from pathlib import Path
+
+import pyfuse3
+import trio
+
+from backupfs.blocks import BlockReader
+from backupfs.cache import BlockCache
+from backupfs.errors import UserError
+from backupfs.fuse_ops import BackupFsOps
+from backupfs.mounts import is_mount_point
+from backupfs.options import MountOptions
+from backupfs.readahead import ReadaheadConfig
+from backupfs.remote import StoreClient, make_client, redact
+from backupfs.stats import Stats
+from backupfs.store import open_store
+
+log = logging.getLogger(__name__)
+_READY = b"R"
+_ERROR = b"E"
+
+
+def fuse_mount_options(url: str, opts: MountOptions) -> set[str]:
+    fsname = redact(url).replace(",", "%2C")
+    options = set(pyfuse3.default_options) | {"ro", f"fsname={fsname}", "subtype=backupfs"}
+    if opts.allow_other:
+        options.add("allow_other")
+    return options
+
+
+async def _stop_on_signal(scope: trio.CancelScope) -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        async for signum in signals:
+            log.info("received signal %d, unmounting", signum)
+            scope.cancel()
+            return
+
+
+async def serve(
+    url: str, mountpoint: str, opts: MountOptions, token: str | None, ready: Callable[[], None]
+) -> None:
+    stats = Stats()
+    readahead = ReadaheadConfig(max_bytes=opts.readahead)
+    async with make_client(opts, token) as client, trio.open_nursery() as nursery:
+        store = StoreClient(client, url, opts, stats)
+        tree = await open_store(store, opts.block_size)
+        reader = BlockReader(
+            store, BlockCache(opts.cache_size, stats), nursery, opts.request_size, stats
+        )
+        ops = BackupFsOps(tree, reader, store, readahead, opts.allow_other)
+        pyfuse3.init(ops, mountpoint, fuse_mount_options(url, opts))
+        unmounted = False
+        try:
+            log.info("mounted %s on %s", redact(url), mountpoint)
+            ready()
+            with trio.CancelScope() as main_scope:
+                nursery.start_soon(_stop_on_signal, main_scope)
+                await pyfuse3.main()
+                unmounted = True  # main() returns once the kernel unmounted us
+        except BaseException:
+            # A crash leaves a dead mount ("Transport endpoint is not connected"), never an
+            # empty directory that rsync --delete could take for an empty source.
+            pyfuse3.close(unmount=False)
+            raise
+        pyfuse3.close(unmount=not unmounted)
+        log.info("unmounted %s", mountpoint)
+        nursery.cancel_scope.cancel()
+
+
+def setup_logging(opts: MountOptions, foreground: bool) -> None:
+    root = logging.getLogger()
+    root.setLevel(logging.DEBUG if opts.debug else logging.INFO)
+    logging.getLogger("httpx").setLevel(logging.DEBUG if opts.debug else logging.WARNING)
+    logging.getLogger("httpcore").setLevel(logging.WARNING)
+    handler: logging.Handler
+    if opts.log_file is not None:
+        handler = logging.FileHandler(opts.log_file)
+    elif foreground:
+        handler = logging.StreamHandler()
+    elif os.path.exists("/dev/log"):
+        handler = logging.handlers.SysLogHandler("/dev/log", socktype=socket.SOCK_DGRAM)
+        handler.setFormatter(logging.Formatter("backupfs[%(process)d]: %(message)s"))
+        root.addHandler(handler)
+        return
+    else:
+        handler = logging.NullHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root.addHandler(handler)
+
+
+def _run(
+    url: str, mountpoint: str, opts: MountOptions, token: str | None, ready: Callable[[], None]
+) -> None:
+    trio.run(serve, url, mountpoint, opts, token, ready)
+
+
+def run_foreground(url: str, mountpoint: str, opts: MountOptions, token: str | None) -> None:
+    setup_logging(opts, foreground=True)
+    _run(url, mountpoint, opts, token, _notify_systemd)
+
+
+def _notify_systemd() -> None:
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.connect(address)
+        sock.sendall(b"READY=1")
+
+
+def run_background(
+    url: str, mountpoint: str, opts: MountOptions, token: str | None, wait_s: float
+) -> None:
+    """Fork a daemon and return once it reports the mount ready; raise UserError otherwise."""
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the daemon
+        os.close(read_fd)
+        os.setsid()
+        os.chdir("/")
+        null = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(null, fd)
+        setup_logging(opts, foreground=False)
+        status = 0
+
+        def ready() -> None:
+            os.write(write_fd, _READY)
+
+        try:
+            _run(url, mountpoint, opts, token, ready)
+        except BaseException as exc:
+            message = str(exc) if isinstance(exc, UserError) else f"mount failed: {exc!r}"
+            if not isinstance(exc, UserError):
+                log.exception("mount daemon failed")
+            with contextlib.suppress(OSError):
+                os.write(write_fd, _ERROR + message.encode()[:4000])
+            status = 1
+        os._exit(status)
+    os.close(write_fd)
+    try:
+        readable, _, _ = select.select([read_fd], [], [], wait_s)
+        reply = os.read(read_fd, 4096) if readable else None
+    finally:
+        os.close(read_fd)
+    if reply is None:
+        os.kill(pid, signal.SIGTERM)
+        raise UserError(f"mount did not become ready within {wait_s:g}s")
+    if reply.startswith(_READY):
+        return
+    os.waitpid(pid, 0)
+    if reply.startswith(_ERROR):
+        raise UserError(reply[1:].decode(errors="replace"))
+    raise UserError("the mount daemon exited during start-up (see its log)")
+
+
+def check_mountpoint(path: str) -> str:
+    if is_mount_point(path):
+        raise UserError(f"mountpoint {path} is busy (something is already mounted there)")
+    mnt = Path(path)
+    if not mnt.exists():
+        raise UserError(f"mountpoint {path} does not exist")
+    if not mnt.is_dir():
+        raise UserError(f"mountpoint {path} is not a directory")
+    return str(mnt.resolve())

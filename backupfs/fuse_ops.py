@@ -1,0 +1,140 @@
+"""The pyfuse3 adapter: translates FUSE requests to the tree and the block reader.
+
+Only this module imports pyfuse3 (with `daemon.py`, which runs its main loop); errno
+mapping happens here and nowhere else.
+"""
+
+import errno
+import logging
+import os
+import stat
+from collections.abc import Sequence
+from typing import cast
+
+import pyfuse3
+
+from backupfs.blocks import BlockReader
+from backupfs.errors import FetchError, StoreError
+from backupfs.readahead import ReadaheadConfig, StreamTracker
+from backupfs.remote import StoreClient
+from backupfs.store import ensure_digests
+from backupfs.tree import Node, Tree
+
+log = logging.getLogger(__name__)
+IMMUTABLE_TIMEOUT_S = 24 * 3600.0  # snapshots never change: cache names and attributes a day
+
+
+class BackupFsOps(pyfuse3.Operations):
+    def __init__(
+        self,
+        tree: Tree,
+        reader: BlockReader,
+        store: StoreClient,
+        readahead: ReadaheadConfig,
+        allow_other: bool,
+    ) -> None:
+        super().__init__()
+        self.tree = tree
+        self.reader = reader
+        self.store = store
+        self.readahead = readahead
+        self.uid, self.gid = os.getuid(), os.getgid()
+        self.file_mode = 0o444 if allow_other else 0o400
+        self.dir_mode = 0o555 if allow_other else 0o500
+        self._handles: dict[int, tuple[Node, StreamTracker]] = {}
+        self._next_fh = 1
+
+    def _node(self, inode: int) -> Node:
+        node = self.tree.nodes.get(inode)
+        if node is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return node
+
+    def _attr(self, node: Node) -> pyfuse3.EntryAttributes:
+        attr = pyfuse3.EntryAttributes()
+        attr.st_ino = cast(pyfuse3.InodeT, node.inode)
+        attr.entry_timeout = IMMUTABLE_TIMEOUT_S
+        attr.attr_timeout = IMMUTABLE_TIMEOUT_S
+        if node.is_dir:
+            attr.st_mode = stat.S_IFDIR | self.dir_mode
+            attr.st_nlink = 2 + sum(self.tree.nodes[i].is_dir for i in node.children.values())
+        else:
+            attr.st_mode = stat.S_IFREG | self.file_mode
+            attr.st_nlink = 1
+        attr.st_size = node.size_bytes
+        attr.st_blksize = 1 << 20
+        attr.st_blocks = -(-node.size_bytes // 512)
+        attr.st_uid, attr.st_gid = self.uid, self.gid
+        attr.st_atime_ns = attr.st_mtime_ns = attr.st_ctime_ns = node.mtime_ns
+        return attr
+
+    async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        return self._attr(self._node(inode))
+
+    async def lookup(
+        self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        node = self.tree.lookup(parent_inode, os.fsdecode(name))
+        if node is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return self._attr(node)
+
+    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+        if not self._node(inode).is_dir:
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        return inode
+
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        children: Sequence[int] = sorted(self._node(fh).children.values())
+        for inode in children:
+            if inode <= start_id:
+                continue
+            node = self.tree.nodes[inode]
+            if not pyfuse3.readdir_reply(token, os.fsencode(node.name), self._attr(node), inode):
+                return
+
+    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        node = self._node(inode)
+        if node.image is None:
+            raise pyfuse3.FUSEError(errno.EISDIR)
+        if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND):
+            raise pyfuse3.FUSEError(errno.EROFS)
+        try:
+            await ensure_digests(self.store, node.image)
+        except StoreError as exc:
+            log.error("cannot open %s: %s", node.name, exc)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+        fh = self._next_fh
+        self._next_fh += 1
+        self._handles[fh] = (node, StreamTracker(self.readahead))
+        return pyfuse3.FileInfo(fh=cast(pyfuse3.FileHandleT, fh), keep_cache=True)
+
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        node, tracker = self._handles[fh]
+        assert node.image is not None
+        try:
+            return await self.reader.read(node.image, off, size, tracker)
+        except FetchError:
+            raise pyfuse3.FUSEError(errno.EIO) from None
+        except Exception:
+            log.exception("unexpected error reading %s", node.name)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+
+    async def release(self, fh: int) -> None:
+        self._handles.pop(fh, None)
+
+    async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+
+    async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
+        return []
+
+    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        st = pyfuse3.StatvfsData()
+        st.f_bsize = st.f_frsize = 4096
+        st.f_blocks = sum(-(-i.size_bytes // 4096) for i in self.tree.images())
+        st.f_bfree = st.f_bavail = 0
+        st.f_files = len(self.tree.nodes)
+        st.f_ffree = st.f_favail = 0
+        st.f_namemax = 255
+        return st

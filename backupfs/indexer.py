@@ -1,0 +1,140 @@
+"""`backupfs index STORE_DIR`: write the metadata that makes a directory of images servable.
+
+Work is incremental: a snapshot whose images still have the size and mtime recorded in
+its `.backupfs/snapshot.json` is not hashed again.
+"""
+
+import calendar
+import hashlib
+import logging
+import os
+import re
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from backupfs import manifest
+from backupfs.errors import ManifestError, UserError
+from backupfs.manifest import Catalogue, DiskEntry, SnapshotEntry
+
+log = logging.getLogger(__name__)
+DEFAULT_BLOCK_SIZE = 256 << 10
+IMAGE_SUFFIX = ".img"
+_SNAPSHOT_TIME = re.compile(r"(\d{4})-(\d{2})-(\d{2})(?:[T_ ](\d{2}):?(\d{2})(?::?(\d{2}))?)?Z?")
+
+
+def snapshot_time_ns(name: str, fallback_ns: int) -> int:
+    """Time encoded in a snapshot name such as 2026-11-20T0300Z (UTC), else `fallback_ns`."""
+    m = _SNAPSHOT_TIME.fullmatch(name)
+    if not m:
+        return fallback_ns
+    fields = [int(g) if g else 0 for g in m.groups()]
+    try:
+        return calendar.timegm(time.struct_time((*fields, 0, 0, 0))) * 1_000_000_000
+    except (ValueError, OverflowError):
+        return fallback_ns
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def hash_image(path: Path, block_size: int) -> bytes:
+    """Concatenated SHA-256 digests of each block of the image."""
+    out = bytearray()
+    with open(path, "rb", buffering=0) as f:
+        while block := f.read(block_size):
+            out += hashlib.sha256(block).digest()
+    return bytes(out)
+
+
+def _usable_name(path: Path, what: str) -> bool:
+    try:
+        manifest.check_name(path.name, what)
+    except ManifestError as exc:
+        log.warning("skipping %s: %s", path, exc)
+        return False
+    return True
+
+
+def _previous(snap_dir: Path) -> SnapshotEntry | None:
+    meta = snap_dir / manifest.META_DIR / manifest.SNAPSHOT_META_NAME
+    try:
+        return manifest.parse_snapshot_meta(meta.read_bytes())
+    except (OSError, ManifestError):
+        return None
+
+
+def index_snapshot(
+    store: Path, host: str, snap: str, block_size: int, say: Callable[[str], None]
+) -> SnapshotEntry | None:
+    snap_dir = store / host / snap
+    images = sorted(
+        p
+        for p in snap_dir.iterdir()
+        if p.name.endswith(IMAGE_SUFFIX) and p.is_file() and _usable_name(p, "disk")
+    )
+    if not images:
+        return None
+    previous = _previous(snap_dir)
+    known = {d.name: d for d in previous.disks} if previous else {}
+    meta_dir = snap_dir / manifest.META_DIR
+    meta_dir.mkdir(exist_ok=True)
+    disks = []
+    for image in images:
+        st = image.stat()
+        old = known.get(image.name)
+        digest_file = store / manifest.digests_path(host, snap, image.name)
+        if (
+            old is not None
+            and old.size_bytes == st.st_size
+            and old.mtime_ns == st.st_mtime_ns
+            and old.block_size == block_size
+            and digest_file.exists()
+        ):
+            disks.append(old)
+            continue
+        say(f"hashing {host}/{snap}/{image.name} ({st.st_size} bytes)")
+        digests = hash_image(image, block_size)
+        write_atomic(digest_file, digests)
+        disks.append(
+            DiskEntry(
+                name=image.name,
+                size_bytes=st.st_size,
+                mtime_ns=st.st_mtime_ns,
+                block_size=block_size,
+                digests_sha256=hashlib.sha256(digests).hexdigest(),
+            )
+        )
+    time_ns = snapshot_time_ns(snap, max(d.mtime_ns for d in disks))
+    entry = SnapshotEntry(host=host, name=snap, time_ns=time_ns, disks=tuple(disks))
+    if entry != previous:
+        write_atomic(meta_dir / manifest.SNAPSHOT_META_NAME, manifest.dump_snapshot_meta(entry))
+    return entry
+
+
+def index_store(
+    store: Path, block_size: int = DEFAULT_BLOCK_SIZE, say: Callable[[str], None] = print
+) -> Catalogue:
+    if not store.is_dir():
+        raise UserError(f"{store}: not a directory")
+    if not os.access(store, os.W_OK):
+        raise UserError(f"{store}: not writable (index writes metadata next to the images)")
+    snapshots = []
+    for host_dir in sorted(p for p in store.iterdir() if p.is_dir()):
+        if not _usable_name(host_dir, "host"):
+            continue
+        for snap_dir in sorted(p for p in host_dir.iterdir() if p.is_dir()):
+            if not _usable_name(snap_dir, "snapshot"):
+                continue
+            entry = index_snapshot(store, host_dir.name, snap_dir.name, block_size, say)
+            if entry is not None:
+                snapshots.append(entry)
+    catalogue = Catalogue(tuple(snapshots))
+    write_atomic(store / manifest.CATALOGUE_NAME, manifest.dump_catalogue(catalogue))
+    return catalogue

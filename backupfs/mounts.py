@@ -1,0 +1,40 @@
+"""What is mounted where, read from /proc/self/mountinfo."""
+
+import os
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class MountEntry:
+    mount_point: str
+    fstype: str
+    source: str
+
+
+def _unescape(field: str) -> str:
+    # mountinfo escapes space, tab, newline and backslash as \ooo
+    out, i = [], 0
+    while i < len(field):
+        if field[i] == "\\" and field[i + 1 : i + 4].isdigit():
+            out.append(chr(int(field[i + 1 : i + 4], 8)))
+            i += 4
+        else:
+            out.append(field[i])
+            i += 1
+    return "".join(out)
+
+
+def read_mounts(path: str = "/proc/self/mountinfo") -> list[MountEntry]:
+    entries = []
+    with open(path, encoding="utf-8", errors="surrogateescape") as f:
+        for line in f:
+            left, _, right = line.partition(" - ")
+            fields, rest = left.split(), right.split()
+            entries.append(MountEntry(_unescape(fields[4]), rest[0], _unescape(rest[1])))
+    return entries
+
+
+def is_mount_point(path: str) -> bool:
+    """True also for a dead FUSE mount, where stat() fails with ENOTCONN."""
+    real = os.path.realpath(path)
+    return any(m.mount_point == real for m in read_mounts())

@@ -1,0 +1,90 @@
+"""Mount options: one frozen dataclass, parsed once from `-o a=b,c` strings."""
+
+import re
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+
+from backupfs.errors import UserError
+
+# Options that mount(8), fstab and systemd pass along; they mean nothing to backupfs.
+GENERIC_OPTIONS = frozenset(
+    {
+        "ro", "rw", "defaults", "auto", "noauto", "nofail", "_netdev", "user", "nouser",
+        "users", "owner", "group", "exec", "noexec", "suid", "nosuid", "dev", "nodev",
+        "async", "sync", "atime", "noatime", "relatime",
+    }
+)  # fmt: skip
+_SIZE = re.compile(r"(\d+)([KMGT]?)(i?B)?", re.IGNORECASE)
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+_FLAGS = ("allow_other", "debug")
+_SIZES = ("cache_size", "block_size", "readahead", "request_size")
+
+
+@dataclass(frozen=True)
+class MountOptions:
+    cache_size: int = 256 << 20  # bytes of verified blocks kept in memory (LRU)
+    block_size: int = 0  # cache/fetch unit; 0 = the store's block size (else a multiple of it)
+    readahead: int = 64 << 20  # maximum readahead window per sequential stream
+    request_size: int = 8 << 20  # largest single ranged GET
+    connections: int = 8  # parallel HTTP connections
+    timeout: float = 30.0  # seconds for one whole HTTP attempt
+    retries: int = 4  # further attempts after a transient failure
+    token_file: Path | None = None  # bearer token, read once at mount time
+    allow_other: bool = False  # let other users read (files become 0444)
+    debug: bool = False  # per-request log lines
+    log_file: Path | None = None  # log here instead of syslog when daemonized
+
+
+def parse_size(text: str, name: str) -> int:
+    m = _SIZE.fullmatch(text.strip())
+    if not m:
+        raise UserError(f"option {name}={text}: not a size (e.g. 512K, 64M, 1G)")
+    return int(m.group(1)) * _UNITS[m.group(2).upper()]
+
+
+def _parse_seconds(text: str, name: str) -> float:
+    try:
+        value = float(text.removesuffix("s"))
+    except ValueError:
+        raise UserError(f"option {name}={text}: not a number of seconds") from None
+    if value <= 0:
+        raise UserError(f"option {name}={text}: must be positive")
+    return value
+
+
+def _parse_count(text: str, name: str, lo: int) -> int:
+    if not text.isdigit() or int(text) < lo:
+        raise UserError(f"option {name}={text}: must be an integer >= {lo}")
+    return int(text)
+
+
+def _parse_value(key: str, value: str) -> object:
+    if key in _FLAGS:
+        return True
+    if key in _SIZES:
+        return parse_size(value, key)
+    if key == "timeout":
+        return _parse_seconds(value, key)
+    if key in ("connections", "retries"):
+        return _parse_count(value, key, 1 if key == "connections" else 0)
+    return Path(value)
+
+
+def parse_options(option_strings: list[str]) -> MountOptions:
+    """Parse `-o` values; generic mount(8)/fstab/systemd options are accepted and ignored."""
+    known = {f.name for f in fields(MountOptions)}
+    values: dict[str, object] = {}
+    for item in ",".join(option_strings).split(","):
+        key, has_value, value = item.strip().partition("=")
+        if not key or key in GENERIC_OPTIONS or key.startswith("x-"):
+            continue
+        if key not in known:
+            raise UserError(f"unknown mount option '{key}'")
+        if (key in _FLAGS) == bool(has_value):
+            want = "takes no value" if key in _FLAGS else "needs a value (name=value)"
+            raise UserError(f"mount option '{key}' {want}")
+        values[key] = _parse_value(key, value)
+    opts = replace(MountOptions(), **values)  # type: ignore[arg-type]
+    if opts.readahead > opts.cache_size // 2:
+        raise UserError("readahead= must be at most half of cache_size=")
+    return opts

@@ -1,0 +1,44 @@
+"""Block arithmetic on half-open byte ranges `[start, end)`. Pure functions, no I/O."""
+
+from collections.abc import Iterable, Iterator
+
+
+def block_range(offset: int, size: int, block_size: int, file_size: int) -> range:
+    """Block numbers that hold bytes `[offset, offset + size)` clipped to the file."""
+    end = min(offset + size, file_size)
+    if offset >= end:
+        return range(0)
+    return range(offset // block_size, (end - 1) // block_size + 1)
+
+
+def block_span(block_no: int, block_size: int, file_size: int) -> tuple[int, int]:
+    """Byte range `[start, end)` of one block; the last block may be short."""
+    start = block_no * block_size
+    return start, min(start + block_size, file_size)
+
+
+def block_count(block_size: int, file_size: int) -> int:
+    return -(-file_size // block_size)
+
+
+def contiguous_runs(block_nos: Iterable[int], max_blocks: int) -> Iterator[tuple[int, int]]:
+    """Group ascending block numbers into runs `[first, end)` of at most `max_blocks`."""
+    first = end = -1
+    for block_no in block_nos:
+        if block_no == end and end - first < max_blocks:
+            end += 1
+            continue
+        if first >= 0:
+            yield first, end
+        first, end = block_no, block_no + 1
+    if first >= 0:
+        yield first, end
+
+
+def slice_blocks(
+    blocks: list[bytes], first_block: int, block_size: int, offset: int, size: int
+) -> bytes:
+    """Bytes `[offset, offset + size)` out of consecutive blocks starting at `first_block`."""
+    joined = blocks[0] if len(blocks) == 1 else b"".join(blocks)
+    start = offset - first_block * block_size
+    return joined[start : start + size]

@@ -1,0 +1,74 @@
+"""Sequential-stream detection and a readahead window that grows. Pure logic, no I/O.
+
+A file handle may carry several interleaved sequential streams (parallel readers over
+one loop device), so a handle keeps a few `Stream`s and matches each read to the
+nearest one. The kernel's own readahead delivers reads slightly out of order, so a
+jump within `slack_bytes` of the expected offset still counts as sequential.
+"""
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class ReadaheadConfig:
+    initial_bytes: int = 1 << 20  # first window after two sequential reads
+    max_bytes: int = 64 << 20  # the window doubles up to this (mount option readahead=)
+    slack_bytes: int = 1 << 20  # out-of-order tolerance before a read counts as a seek
+    max_streams: int = 4  # sequential streams tracked per file handle
+
+
+@dataclass
+class Stream:
+    next_offset: int
+    window: int = 0
+    prefetched_to: int = 0
+    last_use: int = 0
+
+
+@dataclass
+class StreamTracker:
+    """Decides, for each read on one file handle, which byte range to prefetch."""
+
+    config: ReadaheadConfig
+    streams: list[Stream] = field(default_factory=list)
+    _clock: int = 0
+
+    def on_read(self, offset: int, size: int) -> tuple[int, int] | None:
+        """Record a read; return `[start, end)` to prefetch, or None."""
+        self._clock += 1
+        end = offset + size
+        stream = self._match(offset)
+        if stream is None:
+            self._remember(Stream(next_offset=end, last_use=self._clock))
+            return None
+        stream.last_use = self._clock
+        if end <= stream.next_offset - self.config.slack_bytes:
+            return None  # a late read from behind the stream's head: already handled
+        stream.next_offset = max(stream.next_offset, end)
+        head = stream.next_offset
+        if stream.window == 0:
+            stream.window = min(self.config.initial_bytes, self.config.max_bytes)
+        elif stream.prefetched_to - head >= stream.window // 2:
+            return None  # enough in flight; top up in large steps, not per read
+        else:
+            # The stream consumed half its window: it is worth a larger one.
+            stream.window = min(stream.window * 2, self.config.max_bytes)
+        start = max(stream.prefetched_to, head)
+        stream.prefetched_to = head + stream.window
+        return start, stream.prefetched_to
+
+    def _match(self, offset: int) -> Stream | None:
+        best: Stream | None = None
+        for stream in self.streams:
+            lo = stream.next_offset - self.config.slack_bytes
+            hi = stream.next_offset + self.config.slack_bytes
+            if lo <= offset <= hi and (
+                best is None or abs(offset - stream.next_offset) < abs(offset - best.next_offset)
+            ):
+                best = stream
+        return best
+
+    def _remember(self, stream: Stream) -> None:
+        if len(self.streams) >= self.config.max_streams:
+            self.streams.remove(min(self.streams, key=lambda s: s.last_use))
+        self.streams.append(stream)

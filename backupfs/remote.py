@@ -1,0 +1,226 @@
+"""HTTP access to a store: metadata GETs and verified ranged GETs, with retries.
+
+One `httpx.AsyncClient` per daemon; a `trio.CapacityLimiter` in front of it so that
+waiting for a connection happens here, in FIFO order, and never inside httpx.
+"""
+
+import logging
+import random
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import TypeVar
+from urllib.parse import quote, urlsplit, urlunsplit
+
+import httpx
+import trio
+
+from backupfs import checks
+from backupfs.errors import FetchError, StoreError, UserError
+from backupfs.options import MountOptions
+from backupfs.stats import Stats
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+MAX_METADATA_BYTES = 1 << 30
+_BACKOFF_FIRST_S = 0.2
+_BACKOFF_MAX_S = 4.0
+
+
+def check_base_url(url: str) -> str:
+    """The store URL with a trailing slash; credentials in it are refused (ps would show them)."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise UserError(f"not an http(s) URL: {redact(url)}")
+    if parts.username or parts.password:
+        raise UserError("credentials in the URL are refused; use -o token_file=")
+    path = parts.path if parts.path.endswith("/") else parts.path + "/"
+    return urlunsplit((parts.scheme, parts.netloc, path, parts.query, ""))
+
+
+def redact(url: str) -> str:
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    return urlunsplit((parts.scheme, host, parts.path, "", ""))
+
+
+def read_token(path: str | None) -> str | None:
+    if path is None:
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            token = f.read().strip()
+    except OSError as exc:
+        raise UserError(f"cannot read token_file {path}: {exc.strerror}") from None
+    if not token or any(c.isspace() for c in token):
+        raise UserError(f"token_file {path}: expected one token on one line")
+    return token
+
+
+def make_client(opts: MountOptions, token: str | None) -> httpx.AsyncClient:
+    headers = {"Accept-Encoding": "identity", "User-Agent": "backupfs"}
+    if token is not None:
+        headers["Authorization"] = f"Bearer {token}"
+    return httpx.AsyncClient(
+        headers=headers,
+        limits=httpx.Limits(
+            max_connections=opts.connections, max_keepalive_connections=opts.connections
+        ),
+        timeout=httpx.Timeout(opts.timeout),
+        follow_redirects=False,
+    )
+
+
+@dataclass
+class Image:
+    """One remote disk image as the read path sees it."""
+
+    image_id: int
+    url: str
+    size_bytes: int
+    block_size: int  # cache and fetch unit, a multiple of digest_block_size
+    digest_block_size: int
+    digests_path: str | None = None  # None: no per-block digests (single-image mount)
+    digests_sha256: str | None = None
+    digests: list[bytes] | None = None
+    validator: str | None = None  # ETag/Last-Modified pinned by the first reply
+    load_lock: trio.Lock = field(default_factory=trio.Lock)
+
+
+def _describe(exc: httpx.HTTPError) -> str:
+    text = str(exc) or type(exc).__name__
+    if "CERTIFICATE_VERIFY_FAILED" in text:
+        return "TLS certificate verification failed"
+    return text.splitlines()[0]
+
+
+class StoreClient:
+    def __init__(
+        self, client: httpx.AsyncClient, base_url: str, opts: MountOptions, stats: Stats
+    ) -> None:
+        self.client = client
+        self.base_url = base_url
+        self.opts = opts
+        self.stats = stats
+        self.limiter = trio.CapacityLimiter(opts.connections)
+
+    def url(self, path: str) -> str:
+        return self.base_url + quote(path)
+
+    async def with_retries(self, attempt: Callable[[], Awaitable[T]], what: str) -> T:
+        """Run `attempt` until it succeeds, fails for good, or retries run out."""
+        for n in range(self.opts.retries + 1):
+            try:
+                return await attempt()
+            except FetchError as exc:
+                if not exc.transient or n == self.opts.retries:
+                    raise
+                delay = min(_BACKOFF_FIRST_S * 2**n, _BACKOFF_MAX_S) * random.uniform(0.5, 1)
+                log.info("%s: %s; retrying in %.2fs", what, exc, delay)
+                self.stats.retries += 1
+                await trio.sleep(delay)
+        raise AssertionError("unreachable")
+
+    async def _get(
+        self, url: str, headers: dict[str, str], limit: int
+    ) -> tuple[httpx.Headers, bytes]:
+        """One GET under the connection limit, whole within `timeout`; body up to `limit` bytes."""
+        async with self.limiter:
+            self.stats.requests += 1
+            self.stats.requests_in_flight += 1
+            start = trio.current_time()
+            try:
+                with trio.fail_after(self.opts.timeout):
+                    return await self._get_body(url, headers, limit)
+            except trio.TooSlowError:
+                message = f"timed out after {self.opts.timeout:g}s"
+                raise FetchError(message, transient=True) from None
+            except httpx.HTTPError as exc:
+                raise FetchError(_describe(exc), transient=True) from None
+            finally:
+                self.stats.requests_in_flight -= 1
+                self.stats.record_fetch(trio.current_time() - start)
+
+    async def _get_body(
+        self, url: str, headers: dict[str, str], limit: int
+    ) -> tuple[httpx.Headers, bytes]:
+        async with self.client.stream("GET", url, headers=headers) as resp:
+            if headers.get("Range"):
+                checks.check_status(resp.status_code, redact(url))
+            elif resp.status_code != 200:
+                transient = resp.status_code >= 500 or resp.status_code == 429
+                raise FetchError(
+                    f"HTTP {resp.status_code}", transient=transient, status=resp.status_code
+                )
+            body = bytearray()
+            async for chunk in resp.aiter_raw():
+                body += chunk
+                if len(body) > limit:
+                    raise FetchError("reply longer than asked for", transient=True)
+            return resp.headers, bytes(body)
+
+    async def get_metadata(self, path: str) -> bytes:
+        """A whole metadata file; failures become one-line StoreErrors."""
+        url = self.url(path)
+
+        async def attempt() -> bytes:
+            _, body = await self._get(url, {}, MAX_METADATA_BYTES)
+            return body
+
+        try:
+            return await self.with_retries(attempt, redact(url))
+        except FetchError as exc:
+            if exc.status in (401, 403):
+                hint = " (check -o token_file=)"
+            elif exc.status == 404:
+                hint = " (is this a backupfs store? run `backupfs index` on it)"
+            else:
+                hint = ""
+            raise StoreError(f"cannot read {redact(url)}: {exc}{hint}") from None
+
+    async def probe_range(self, image: Image) -> None:
+        """One ranged GET of the image's first byte: the store must honour Range."""
+        if image.size_bytes == 0:
+            return
+        try:
+            headers, _ = await self.with_retries(
+                lambda: self._get(image.url, {"Range": "bytes=0-0"}, 1), redact(image.url)
+            )
+            image.validator = checks.check_range_headers(headers, 0, 1, image.size_bytes, None)
+        except FetchError as exc:
+            if exc.status == 200:
+                raise StoreError(
+                    f"{redact(self.base_url)}: the server ignores Range requests "
+                    "(answered 200 to a ranged GET); backupfs needs a server that honours Range"
+                ) from None
+            raise StoreError(f"cannot read {redact(image.url)}: {exc}") from None
+
+    async def fetch_range(self, image: Image, start: int, end: int, block_size: int) -> list[bytes]:
+        """Bytes `[start, end)` of an image, verified, cut into cache blocks."""
+        headers = {"Range": f"bytes={start}-{end - 1}"}
+
+        async def attempt() -> list[bytes]:
+            reply_headers, body = await self._get(image.url, headers, end - start)
+            validator = checks.check_range_headers(
+                reply_headers, start, end, image.size_bytes, image.validator
+            )
+            if len(body) != end - start:
+                raise FetchError(f"short body: {len(body)} of {end - start}", transient=True)
+            if image.validator is None:
+                image.validator = validator
+            self.stats.bytes_fetched += end - start
+            try:
+                return await trio.to_thread.run_sync(
+                    checks.split_verified,
+                    body,
+                    start,
+                    block_size,
+                    image.digests,
+                    image.digest_block_size,
+                )
+            except FetchError:
+                self.stats.verify_failures += 1
+                raise
+
+        return await self.with_retries(attempt, f"{redact(image.url)} [{start},{end})")

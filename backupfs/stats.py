@@ -1,0 +1,29 @@
+"""Counters of one mount, shown by the stats control file and `backupfs stats`."""
+
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass
+class Stats:
+    bytes_served: int = 0
+    bytes_fetched: int = 0
+    cache_hits: int = 0
+    cache_misses: int = 0
+    requests: int = 0
+    requests_in_flight: int = 0
+    retries: int = 0
+    verify_failures: int = 0
+    read_errors: int = 0
+    fetch_seconds: list[float] = field(default_factory=list, repr=False)
+
+    def record_fetch(self, seconds: float) -> None:
+        self.fetch_seconds.append(seconds)
+        if len(self.fetch_seconds) > 4096:
+            del self.fetch_seconds[:2048]
+
+    def snapshot(self) -> dict[str, object]:
+        doc = asdict(self)
+        times = sorted(doc.pop("fetch_seconds"))
+        doc["fetch_p50_ms"] = round(times[len(times) // 2] * 1000, 2) if times else None
+        doc["fetch_p99_ms"] = round(times[int(len(times) * 0.99)] * 1000, 2) if times else None
+        return doc
