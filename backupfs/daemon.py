@@ -17,6 +17,7 @@ from pathlib import Path
 import pyfuse3
 import trio
 
+from backupfs import tuning
 from backupfs.blocks import BlockReader
 from backupfs.cache import BlockCache
 from backupfs.errors import UserError
@@ -52,6 +53,7 @@ async def _stop_on_signal(scope: trio.CancelScope) -> None:
 async def serve(
     url: str, mountpoint: str, opts: MountOptions, token: str | None, ready: Callable[[], None]
 ) -> None:
+    tuning.keep_large_buffers_in_heap(2 * opts.request_size, 64 << 20)
     stats = Stats()
     readahead = ReadaheadConfig(max_bytes=opts.readahead)
     async with make_client(opts, token) as client, trio.open_nursery() as nursery:
@@ -62,6 +64,7 @@ async def serve(
         )
         ops = BackupFsOps(tree, reader, store, readahead, opts.allow_other)
         pyfuse3.init(ops, mountpoint, fuse_mount_options(url, opts))
+        tuning.raise_kernel_readahead(mountpoint)
         unmounted = False
         try:
             log.info("mounted %s on %s", redact(url), mountpoint)

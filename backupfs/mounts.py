@@ -9,6 +9,7 @@ class MountEntry:
     mount_point: str
     fstype: str
     source: str
+    dev: str  # major:minor
 
 
 def _unescape(field: str) -> str:
@@ -30,7 +31,9 @@ def read_mounts(path: str = "/proc/self/mountinfo") -> list[MountEntry]:
         for line in f:
             left, _, right = line.partition(" - ")
             fields, rest = left.split(), right.split()
-            entries.append(MountEntry(_unescape(fields[4]), rest[0], _unescape(rest[1])))
+            entries.append(
+                MountEntry(_unescape(fields[4]), rest[0], _unescape(rest[1]), fields[2])
+            )
     return entries
 
 
@@ -38,3 +41,9 @@ def is_mount_point(path: str) -> bool:
     """True also for a dead FUSE mount, where stat() fails with ENOTCONN."""
     real = os.path.realpath(path)
     return any(m.mount_point == real for m in read_mounts())
+
+
+def read_mounts_dev(mount_point: str) -> str | None:
+    """major:minor of what is mounted at `mount_point` (the last mount there wins)."""
+    devs = [m.dev for m in read_mounts() if m.mount_point == mount_point]
+    return devs[-1] if devs else None
