@@ -11,7 +11,7 @@ import os
 import select
 import signal
 import socket
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pyfuse3
@@ -20,7 +20,7 @@ import trio
 from backupfs import tuning
 from backupfs.blocks import BlockReader
 from backupfs.cache import BlockCache
-from backupfs.errors import UserError
+from backupfs.errors import UserError, user_error_in
 from backupfs.fuse_ops import BackupFsOps
 from backupfs.mounts import is_mount_point
 from backupfs.options import MountOptions
@@ -42,12 +42,11 @@ def fuse_mount_options(url: str, opts: MountOptions) -> set[str]:
     return options
 
 
-async def _stop_on_signal(scope: trio.CancelScope) -> None:
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
-        async for signum in signals:
-            log.info("received signal %d, unmounting", signum)
-            scope.cancel()
-            return
+async def _cancel_on_signal(signals: AsyncIterator[int], scope: trio.CancelScope) -> None:
+    async for signum in signals:
+        log.info("received signal %d, unmounting", signum)
+        scope.cancel()
+        return
 
 
 async def serve(
@@ -56,31 +55,32 @@ async def serve(
     tuning.keep_large_buffers_in_heap(2 * opts.request_size, 64 << 20)
     stats = Stats()
     readahead = ReadaheadConfig(max_bytes=opts.readahead)
-    async with make_client(opts, token) as client, trio.open_nursery() as nursery:
-        store = StoreClient(client, url, opts, stats)
-        tree = await open_store(store, opts.block_size)
-        reader = BlockReader(
-            store, BlockCache(opts.cache_size, stats), nursery, opts.request_size, stats
-        )
-        ops = BackupFsOps(tree, reader, store, readahead, opts.allow_other)
-        pyfuse3.init(ops, mountpoint, fuse_mount_options(url, opts))
-        tuning.raise_kernel_readahead(mountpoint)
-        unmounted = False
-        try:
-            log.info("mounted %s on %s", redact(url), mountpoint)
-            ready()
-            with trio.CancelScope() as main_scope:
-                nursery.start_soon(_stop_on_signal, main_scope)
-                await pyfuse3.main()
-                unmounted = True  # main() returns once the kernel unmounted us
-        except BaseException:
-            # A crash leaves a dead mount ("Transport endpoint is not connected"), never an
-            # empty directory that rsync --delete could take for an empty source.
-            pyfuse3.close(unmount=False)
-            raise
-        pyfuse3.close(unmount=not unmounted)
-        log.info("unmounted %s", mountpoint)
-        nursery.cancel_scope.cancel()
+    # Receive signals from the start, so that one sent right after "ready" is not lost.
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async with make_client(opts, token) as client, trio.open_nursery() as nursery:
+            store = StoreClient(client, url, opts, stats)
+            tree = await open_store(store, opts.block_size)
+            cache = BlockCache(opts.cache_size, stats)
+            reader = BlockReader(store, cache, nursery, opts.request_size, stats)
+            ops = BackupFsOps(tree, reader, store, readahead, opts.allow_other)
+            pyfuse3.init(ops, mountpoint, fuse_mount_options(url, opts))
+            tuning.raise_kernel_readahead(mountpoint)
+            unmounted = False
+            try:
+                log.info("mounted %s on %s", redact(url), mountpoint)
+                with trio.CancelScope() as main_scope:
+                    nursery.start_soon(_cancel_on_signal, signals, main_scope)
+                    ready()
+                    await pyfuse3.main()
+                    unmounted = True  # main() returns once the kernel unmounted us
+            except BaseException:
+                # A crash leaves a dead mount ("Transport endpoint is not connected"), never
+                # an empty directory that rsync --delete could take for an empty source.
+                pyfuse3.close(unmount=False)
+                raise
+            pyfuse3.close(unmount=not unmounted)
+            log.info("unmounted %s", mountpoint)
+            nursery.cancel_scope.cancel()
 
 
 def setup_logging(opts: MountOptions, foreground: bool) -> None:
@@ -112,7 +112,13 @@ def _run(
 
 def run_foreground(url: str, mountpoint: str, opts: MountOptions, token: str | None) -> None:
     setup_logging(opts, foreground=True)
-    _run(url, mountpoint, opts, token, _notify_systemd)
+    try:
+        _run(url, mountpoint, opts, token, _notify_systemd)
+    except BaseExceptionGroup as group:
+        user_error = user_error_in(group)
+        if user_error is None:
+            raise
+        raise user_error from None
 
 
 def _notify_systemd() -> None:
@@ -148,8 +154,9 @@ def run_background(
         try:
             _run(url, mountpoint, opts, token, ready)
         except BaseException as exc:
-            message = str(exc) if isinstance(exc, UserError) else f"mount failed: {exc!r}"
-            if not isinstance(exc, UserError):
+            user_error = user_error_in(exc)
+            message = str(user_error) if user_error else f"mount failed: {exc!r}"
+            if user_error is None:
                 log.exception("mount daemon failed")
             with contextlib.suppress(OSError):
                 os.write(write_fd, _ERROR + message.encode()[:4000])

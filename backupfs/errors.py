@@ -22,3 +22,15 @@ class FetchError(Exception):
         super().__init__(message)
         self.transient = transient
         self.status = status
+
+
+def user_error_in(exc: BaseException) -> UserError | None:
+    """The UserError behind `exc`, looking inside (trio's) exception groups."""
+    if isinstance(exc, UserError):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            found = user_error_in(inner)
+            if found is not None:
+                return found
+    return None

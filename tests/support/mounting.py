@@ -1,0 +1,106 @@
+"""Run `backupfs mount -f` as a child with a known PID, wait for READY=1, tear it down."""
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+BACKUPFS = [sys.executable, "-m", "backupfs"]
+READY_TIMEOUT_S = 30.0
+
+
+def run_cli(*args: str, timeout: float = 120, **kw: object) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*BACKUPFS, *args], capture_output=True, text=True, timeout=timeout, **kw  # type: ignore
+    )
+
+
+def is_mounted(path: Path) -> bool:
+    real = os.path.realpath(path)
+    with open("/proc/self/mountinfo") as f:
+        return any(line.split()[4] == real for line in f)
+
+
+def unmount(path: Path) -> None:
+    """fusermount3 -u, then a lazy unmount if that fails."""
+    if not is_mounted(path):
+        return
+    if subprocess.run(["fusermount3", "-u", str(path)], capture_output=True, timeout=30).returncode:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True, timeout=30)
+
+
+def stop(proc: subprocess.Popen[bytes], mountpoint: Path) -> None:
+    unmount(mountpoint)
+    try:
+        proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=15)
+    unmount(mountpoint)
+
+
+def start_foreground(url: str, mountpoint: Path, *options: str) -> subprocess.Popen[bytes]:
+    """Start a foreground daemon; return once it reported READY=1 over NOTIFY_SOCKET."""
+    sock_dir = tempfile.mkdtemp(prefix="bfs-notify-")
+    sock_path = os.path.join(sock_dir, "notify")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(sock_path)
+        opts = ["-o", ",".join(options)] if options else []
+        log = open(Path(sock_dir) / "log", "wb")  # noqa: SIM115 - lives as long as the daemon
+        proc = subprocess.Popen(
+            [*BACKUPFS, "mount", "-f", *opts, url, str(mountpoint)],
+            env={**os.environ, "NOTIFY_SOCKET": sock_path},
+            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+        )
+        log.close()
+        sock.settimeout(0.2)
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        try:
+            while True:
+                with contextlib.suppress(TimeoutError):
+                    if sock.recv(64).startswith(b"READY=1"):
+                        return proc
+                if proc.poll() is not None:
+                    text = (Path(sock_dir) / "log").read_text(errors="replace")
+                    raise RuntimeError(f"daemon exited with {proc.returncode}: {text[-2000:]}")
+                if time.monotonic() > deadline:
+                    raise TimeoutError("mount did not become ready")
+        except BaseException:
+            stop(proc, mountpoint)
+            raise
+        finally:
+            os.unlink(sock_path)
+
+
+@contextlib.contextmanager
+def mounted(url: str, mountpoint: Path, *options: str) -> Iterator[subprocess.Popen[bytes]]:
+    proc = start_foreground(url, mountpoint, *options)
+    try:
+        yield proc
+    finally:
+        stop(proc, mountpoint)
+
+
+def daemon_pids(mountpoint: Path) -> list[int]:
+    """PIDs of backupfs daemons serving `mountpoint`, found by their command line."""
+    target = str(mountpoint).encode()
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and int(entry) != os.getpid():
+            with contextlib.suppress(OSError):
+                argv = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
+                if b"backupfs" in argv and b"mount" in argv and target in argv:
+                    pids.append(int(entry))
+    return pids
+
+
+def kill_daemons(mountpoint: Path) -> None:
+    for pid in daemon_pids(mountpoint):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
