@@ -31,9 +31,7 @@ def read_mounts(path: str = "/proc/self/mountinfo") -> list[MountEntry]:
         for line in f:
             left, _, right = line.partition(" - ")
             fields, rest = left.split(), right.split()
-            entries.append(
-                MountEntry(_unescape(fields[4]), rest[0], _unescape(rest[1]), fields[2])
-            )
+            entries.append(MountEntry(_unescape(fields[4]), rest[0], _unescape(rest[1]), fields[2]))
     return entries
 
 

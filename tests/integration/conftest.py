@@ -11,6 +11,7 @@ import pytest
 
 from backupfs.indexer import index_store
 from tests.support.nginx import Nginx
+from tests.support.proxy import FaultProxy
 
 TOKEN = "s3cret-token-0123456789"
 BIG = "web01/2026-11-20T0300Z/disk0.img"
@@ -67,8 +68,11 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Store]:
         (root / alias).symlink_to(".")
     (root / "empty").mkdir()
     _bad_store(root, "badjson", b"{not json")
-    hostile = {"format": "backupfs-store", "version": 1, "snapshots": [
-        {"host": "..", "name": "etc", "time_ns": 0, "disks": []}]}
+    hostile = {
+        "format": "backupfs-store",
+        "version": 1,
+        "snapshots": [{"host": "..", "name": "etc", "time_ns": 0, "disks": []}],
+    }
     _bad_store(root, "hostile", json.dumps(hostile).encode())
     newer = {"format": "backupfs-store", "version": 99, "snapshots": []}
     _bad_store(root, "newer", json.dumps(newer).encode())
@@ -81,3 +85,13 @@ def mnt(tmp_path: Path) -> Path:
     path = tmp_path / "mnt"
     path.mkdir()
     return path
+
+
+@pytest.fixture
+def fault_proxy(store: Store) -> Iterator[FaultProxy]:
+    from urllib.parse import urlsplit
+
+    port = urlsplit(store.url).port
+    assert port is not None
+    with FaultProxy(port) as proxy:
+        yield proxy

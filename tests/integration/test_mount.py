@@ -7,7 +7,6 @@ import os
 import random
 import signal
 import stat
-import subprocess
 import threading
 import time
 from pathlib import Path
@@ -98,8 +97,8 @@ def test_everything_is_read_only(store: Store, mnt: Path) -> None:
     with mounted(store.url, mnt):
         image = mnt / BIG
         for attempt in (
-            lambda: open(image, "r+b"),
-            lambda: open(mnt / "web01" / "new", "wb"),
+            lambda: os.open(image, os.O_RDWR),
+            lambda: os.open(mnt / "web01" / "new", os.O_WRONLY | os.O_CREAT),
             lambda: os.chmod(image, 0o644),
             lambda: os.setxattr(image, "user.x", b"1"),
             lambda: os.mkdir(mnt / "d"),
@@ -163,10 +162,14 @@ def test_bearer_token_from_file(store: Store, mnt: Path, tmp_path: Path) -> None
         assert TOKEN.encode() not in cmdline
     denied = run_cli("mount", url, str(mnt))
     assert denied.returncode == 1
-    assert denied.stderr == (
-        f"backupfs: cannot read {url}backupfs-store.json: "
-        f"{url}backupfs-store.json: HTTP 401 (check -o token_file=)\n"
-    ) or "HTTP 401 (check -o token_file=)" in denied.stderr
+    assert (
+        denied.stderr
+        == (
+            f"backupfs: cannot read {url}backupfs-store.json: "
+            f"{url}backupfs-store.json: HTTP 401 (check -o token_file=)\n"
+        )
+        or "HTTP 401 (check -o token_file=)" in denied.stderr
+    )
     assert not is_mounted(mnt)
 
 

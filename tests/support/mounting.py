@@ -17,7 +17,11 @@ READY_TIMEOUT_S = 30.0
 
 def run_cli(*args: str, timeout: float = 120, **kw: object) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [*BACKUPFS, *args], capture_output=True, text=True, timeout=timeout, **kw  # type: ignore
+        [*BACKUPFS, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        **kw,  # type: ignore
     )
 
 
@@ -56,7 +60,9 @@ def start_foreground(url: str, mountpoint: Path, *options: str) -> subprocess.Po
         proc = subprocess.Popen(
             [*BACKUPFS, "mount", "-f", *opts, url, str(mountpoint)],
             env={**os.environ, "NOTIFY_SOCKET": sock_path},
-            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
         )
         log.close()
         sock.settimeout(0.2)

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Install everything backupfs, its demo and its tests need on Debian 12, as root.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+packages=(fuse3 libfuse3-dev pkg-config gcc nginx-light curl util-linux e2fsprogs
+          xfsprogs dosfstools mtools btrfs-progs fdisk gdisk)
+missing=()
+for p in "${packages[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+    echo "setup: installing ${missing[*]}"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+        "${missing[@]}" >/dev/null
+fi
+python3 -m pip install -q --disable-pip-version-check -e ".[test]" 2>&1 \
+    | grep -v -e "^WARNING: Location" -e "^WARNING: Running pip as the 'root' user" \
+        -e "^\[notice\]" || true
+python3 -c "import backupfs.cli, pyfuse3, trio, httpx, cachetools" \
+    || { echo "setup: Python dependencies did not install" >&2; exit 1; }
