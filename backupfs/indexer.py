@@ -4,12 +4,11 @@ Work is incremental: a snapshot whose images still have the size and mtime recor
 its `.backupfs/snapshot.json` is not hashed again.
 """
 
-import calendar
+import datetime
 import hashlib
 import logging
 import os
 import re
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -30,9 +29,11 @@ def snapshot_time_ns(name: str, fallback_ns: int) -> int:
         return fallback_ns
     fields = [int(g) if g else 0 for g in m.groups()]
     try:
-        return calendar.timegm(time.struct_time((*fields, 0, 0, 0))) * 1_000_000_000
-    except (ValueError, OverflowError):
+        year, month, day, hour, minute, second = fields
+        when = datetime.datetime(year, month, day, hour, minute, second, tzinfo=datetime.UTC)
+    except ValueError:  # 2026-02-31 and the like
         return fallback_ns
+    return int(when.timestamp()) * 1_000_000_000
 
 
 def write_atomic(path: Path, data: bytes) -> None:

@@ -19,6 +19,7 @@ SNAPSHOT_META_NAME = "snapshot.json"
 DIGEST_SIZE = 32
 MIN_BLOCK_SIZE = 4 << 10
 MAX_BLOCK_SIZE = 64 << 20
+_MIN_TIME_NS = -(1 << 63)  # times before 1970 are negative, like st_mtime_ns
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 
 
@@ -69,7 +70,8 @@ def image_path(host: str, snapshot: str, disk: str) -> str:
 
 def _int(value: object, what: str, lo: int = 0) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value < lo:
-        raise ManifestError(f"malformed store metadata: {what} must be an integer >= {lo}")
+        bound = f" >= {lo}" if lo > _MIN_TIME_NS else ""
+        raise ManifestError(f"malformed store metadata: {what} must be an integer{bound}")
     return value
 
 
@@ -86,7 +88,7 @@ def parse_disk(raw: object) -> DiskEntry:
     return DiskEntry(
         name=name,
         size_bytes=_int(raw.get("size_bytes"), f"size_bytes of {name}"),
-        mtime_ns=_int(raw.get("mtime_ns"), f"mtime_ns of {name}"),
+        mtime_ns=_int(raw.get("mtime_ns"), f"mtime_ns of {name}", lo=_MIN_TIME_NS),
         block_size=block_size,
         digests_sha256=digest,
     )
@@ -102,14 +104,14 @@ def parse_snapshot(raw: object) -> SnapshotEntry:
         raise ManifestError(f"malformed store metadata: disks of {host}/{name} is not a list")
     disks = tuple(parse_disk(d) for d in disks_raw)
     _no_duplicates([d.name for d in disks], f"disk in {host}/{name}")
-    return SnapshotEntry(host, name, _int(raw.get("time_ns"), "time_ns"), disks)
+    return SnapshotEntry(host, name, _int(raw.get("time_ns"), "time_ns", lo=_MIN_TIME_NS), disks)
 
 
 def _check_header(raw: object) -> dict[str, Any]:
     if not isinstance(raw, dict) or raw.get("format") != FORMAT:
         raise ManifestError("malformed store metadata: not a backupfs store catalogue")
     version = raw.get("version")
-    if version != VERSION:
+    if type(version) is not int or version != VERSION:
         raise ManifestError(
             f"store format version {version!r} is not supported (this backupfs reads {VERSION})"
         )

@@ -1,5 +1,6 @@
 """Mount options: one frozen dataclass, parsed once from `-o a=b,c` strings."""
 
+import math
 import re
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
@@ -47,13 +48,13 @@ def _parse_seconds(text: str, name: str) -> float:
         value = float(text.removesuffix("s"))
     except ValueError:
         raise UserError(f"option {name}={text}: not a number of seconds") from None
-    if value <= 0:
+    if not math.isfinite(value) or value <= 0:
         raise UserError(f"option {name}={text}: must be positive")
     return value
 
 
 def _parse_count(text: str, name: str, lo: int) -> int:
-    if not text.isdigit() or int(text) < lo:
+    if not (text.isascii() and text.isdigit()) or int(text) < lo:
         raise UserError(f"option {name}={text}: must be an integer >= {lo}")
     return int(text)
 
@@ -85,6 +86,8 @@ def parse_options(option_strings: list[str]) -> MountOptions:
             raise UserError(f"mount option '{key}' {want}")
         values[key] = _parse_value(key, value)
     opts = replace(MountOptions(), **values)  # type: ignore[arg-type]
+    if "readahead" not in values:  # a small cache shrinks the default window with it
+        opts = replace(opts, readahead=min(opts.readahead, opts.cache_size // 2))
     if opts.readahead > opts.cache_size // 2:
         raise UserError("readahead= must be at most half of cache_size=")
     return opts

@@ -136,11 +136,6 @@ def test_header_rejected(change: dict[str, Any], message: str) -> None:
     assert str(info.value) == message
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG (minor): _check_header compares `version != 1`, so JSON true and 1.0 pass as "
-    "version 1, unlike every other integer field, which rejects bools and floats",
-)
 @pytest.mark.parametrize("version", [True, 1.0])
 def test_version_must_be_the_integer_1(version: object) -> None:
     with pytest.raises(ManifestError, match="is not supported"):
@@ -180,8 +175,7 @@ def _disk_change(field: str, value: object) -> dict[str, Any]:
         ("size_bytes", True, "size_bytes of sda.img must be an integer >= 0"),
         ("size_bytes", "10", "size_bytes of sda.img must be an integer >= 0"),
         ("size_bytes", None, "size_bytes of sda.img must be an integer >= 0"),
-        ("mtime_ns", -5, "mtime_ns of sda.img must be an integer >= 0"),
-        ("mtime_ns", False, "mtime_ns of sda.img must be an integer >= 0"),
+        ("mtime_ns", False, "mtime_ns of sda.img must be an integer"),
         ("digests_sha256", "AB" * 32, "digests_sha256 of sda.img is not SHA-256"),
         ("digests_sha256", "ab" * 31, "digests_sha256 of sda.img is not SHA-256"),
         ("digests_sha256", "ab" * 32 + "0", "digests_sha256 of sda.img is not SHA-256"),
@@ -202,8 +196,7 @@ def test_max_block_size_accepted() -> None:
 @pytest.mark.parametrize(
     ("mutate", "message"),
     [
-        (lambda s: s.update(time_ns=-1), "time_ns must be an integer >= 0"),
-        (lambda s: s.update(time_ns=True), "time_ns must be an integer >= 0"),
+        (lambda s: s.update(time_ns=True), "time_ns must be an integer"),
         (lambda s: s.update(disks=None), "disks of web1/2026-11-20T0300Z is not a list"),
         (lambda s: s["disks"].append("sdc.img"), "a disk entry is not an object"),
     ],
@@ -441,12 +434,6 @@ def test_empty_store_gives_an_empty_catalogue(tmp_path: Path) -> None:
     assert manifest.parse_catalogue((tmp_path / manifest.CATALOGUE_NAME).read_bytes()) == cat
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: snapshot_time_ns gives a negative time for a pre-1970 snapshot name; the "
-    "indexer writes it, and parse_catalogue rejects the catalogue (time_ns must be >= 0), "
-    "so one such snapshot makes the whole store unmountable",
-)
 def test_catalogue_written_by_index_can_be_read_back_for_old_dates(tmp_path: Path) -> None:
     _write(tmp_path / "host/1969-07-20/sda.img", os.urandom(100))
     indexer.index_store(tmp_path, block_size=BS, say=Say())

@@ -111,8 +111,7 @@ def test_readahead_at_most_half_the_cache() -> None:
     assert parse_options(["cache_size=128M,readahead=64M"]).readahead == 64 << 20
     with pytest.raises(UserError, match=r"readahead= must be at most half of cache_size="):
         parse_options(["cache_size=128M,readahead=65M"])
-    with pytest.raises(UserError, match=r"at most half"):
-        parse_options(["cache_size=64M"])  # the default 64M readahead no longer fits
+    assert parse_options(["cache_size=64M"]).readahead == 32 << 20  # the default shrinks
 
 
 @pytest.mark.parametrize(
@@ -137,11 +136,6 @@ def test_timeout_rejected(text: str, message: str) -> None:
         parse_options([f"timeout={text}"])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: timeout=nan passes `value <= 0`; trio.fail_after(nan) then raises "
-    "ValueError on every HTTP request instead of the option being refused",
-)
 def test_timeout_nan_rejected() -> None:
     with pytest.raises(UserError, match="timeout"):
         opts = parse_options(["timeout=nan"])
@@ -163,11 +157,6 @@ def test_counts(item: str, message: str) -> None:
     assert parse_options(["connections=1,retries=0"]).connections == 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: _parse_count uses str.isdigit(), which accepts '²'; int('²') then raises "
-    "ValueError instead of a UserError",
-)
 def test_count_with_a_non_ascii_digit_is_a_user_error() -> None:
     with pytest.raises(UserError, match="connections"):
         parse_options(["connections=²"])
