@@ -64,21 +64,57 @@ def check_range_headers(
     return validator
 
 
-def split_verified(
-    body: bytes, start: int, block_size: int, digests: list[bytes] | None, digest_block_size: int
-) -> list[bytes]:
-    """Check a body read from byte `start` against the store's per-block SHA-256 digests, then
-    cut it into cache blocks. `start` is a multiple of both block sizes. Runs in a worker thread.
+class BlockAssembler:
+    """Cuts a reply body into cache blocks as its chunks arrive, so the body is never held
+    twice: each chunk is copied once, into its block, and then dropped."""
+
+    def __init__(self, block_size: int) -> None:
+        self.block_size = block_size
+        self.blocks: list[bytes] = []
+        self.size_bytes = 0
+        self._parts: list[memoryview] = []
+        self._have = 0
+
+    def feed(self, chunk: bytes) -> None:
+        self.size_bytes += len(chunk)
+        view = memoryview(chunk)
+        while view:
+            take = min(self.block_size - self._have, len(view))
+            self._parts.append(view[:take])
+            self._have += take
+            view = view[take:]
+            if self._have == self.block_size:
+                self._flush()
+
+    def finish(self) -> list[bytes]:
+        if self._parts:
+            self._flush()
+        return self.blocks
+
+    def _flush(self) -> None:
+        self.blocks.append(b"".join(self._parts))
+        self._parts, self._have = [], 0
+
+
+def verify_blocks(
+    blocks: list[bytes], start: int, digests: list[bytes] | None, digest_block_size: int
+) -> None:
+    """Check blocks read from byte `start` against the store's per-block SHA-256 digests.
+
+    `start` and every block but the last are multiples of `digest_block_size`. Runs in a
+    worker thread (hashlib releases the GIL).
     """
-    if digests is not None:
-        first = start // digest_block_size
-        view = memoryview(body)
-        for i, pos in enumerate(range(0, len(body), digest_block_size)):
-            chunk = view[pos : pos + digest_block_size]
-            if hashlib.sha256(chunk).digest() != digests[first + i]:
+    if digests is None:
+        return
+    offset = start
+    for block in blocks:
+        view = memoryview(block)
+        for pos in range(0, len(block), digest_block_size):
+            if (
+                hashlib.sha256(view[pos : pos + digest_block_size]).digest()
+                != digests[(offset + pos) // digest_block_size]
+            ):
                 raise FetchError(
-                    f"bytes at offset {start + pos} do not match their SHA-256", transient=True
+                    f"bytes at offset {offset + pos} do not match their SHA-256", transient=True
                 )
-    if len(body) <= block_size:
-        return [body]
-    return [body[i : i + block_size] for i in range(0, len(body), block_size)]
+        offset += len(block)

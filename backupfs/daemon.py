@@ -52,7 +52,6 @@ async def _cancel_on_signal(signals: AsyncIterator[int], scope: trio.CancelScope
 async def serve(
     url: str, mountpoint: str, opts: MountOptions, token: str | None, ready: Callable[[], None]
 ) -> None:
-    tuning.keep_large_buffers_in_heap(2 * opts.request_size, 64 << 20)
     stats = Stats()
     readahead = ReadaheadConfig(max_bytes=opts.readahead)
     # Receive signals from the start, so that one sent right after "ready" is not lost.
@@ -60,7 +59,7 @@ async def serve(
         async with make_client(opts, token) as client, trio.open_nursery() as nursery:
             store = StoreClient(client, url, opts, stats)
             tree = await open_store(store, opts.block_size)
-            cache = BlockCache(opts.cache_size, stats)
+            cache = BlockCache(opts.lru_bytes, stats)
             reader = BlockReader(store, cache, nursery, opts.request_size, stats)
             ops = BackupFsOps(tree, reader, store, readahead, opts.allow_other)
             pyfuse3.init(ops, mountpoint, fuse_mount_options(url, opts))

@@ -23,7 +23,7 @@ _SIZES = ("cache_size", "block_size", "readahead", "request_size")
 
 @dataclass(frozen=True)
 class MountOptions:
-    cache_size: int = 256 << 20  # bytes of verified blocks kept in memory (LRU)
+    cache_size: int = 256 << 20  # all block memory: the LRU cache plus replies in flight
     block_size: int = 0  # cache/fetch unit; 0 = the store's block size (else a multiple of it)
     readahead: int = 64 << 20  # maximum readahead window per sequential stream
     request_size: int = 8 << 20  # largest single ranged GET
@@ -34,6 +34,16 @@ class MountOptions:
     allow_other: bool = False  # let other users read (files become 0444)
     debug: bool = False  # per-request log lines
     log_file: Path | None = None  # log here instead of syslog when daemonized
+
+    @property
+    def in_flight_bytes(self) -> int:
+        """Most reply bytes being received at once: one request per connection."""
+        return self.connections * self.request_size
+
+    @property
+    def lru_bytes(self) -> int:
+        """What the LRU cache may hold, so that cache plus in-flight replies fit cache_size."""
+        return self.cache_size - self.in_flight_bytes
 
 
 def parse_size(text: str, name: str) -> int:
@@ -86,8 +96,16 @@ def parse_options(option_strings: list[str]) -> MountOptions:
             raise UserError(f"mount option '{key}' {want}")
         values[key] = _parse_value(key, value)
     opts = replace(MountOptions(), **values)  # type: ignore[arg-type]
-    if "readahead" not in values:  # a small cache shrinks the default window with it
-        opts = replace(opts, readahead=min(opts.readahead, opts.cache_size // 2))
-    if opts.readahead > opts.cache_size // 2:
-        raise UserError("readahead= must be at most half of cache_size=")
+    # A small cache shrinks the defaults with it; explicit values must fit.
+    if "request_size" not in values:
+        per_connection = opts.cache_size // 4 // opts.connections
+        opts = replace(opts, request_size=max(min(opts.request_size, per_connection), 1 << 20))
+    if "readahead" not in values:
+        opts = replace(opts, readahead=min(opts.readahead, opts.lru_bytes // 2))
+    if opts.in_flight_bytes > opts.cache_size // 2:
+        raise UserError("connections= x request_size= must be at most half of cache_size=")
+    if opts.readahead > opts.lru_bytes // 2:
+        raise UserError(
+            "readahead= must be at most half of cache_size= less connections= x request_size="
+        )
     return opts

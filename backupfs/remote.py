@@ -132,16 +132,17 @@ class StoreClient:
         raise AssertionError("unreachable")
 
     async def _get(
-        self, url: str, headers: dict[str, str], limit: int
-    ) -> tuple[httpx.Headers, bytes]:
-        """One GET under the connection limit, whole within `timeout`; body up to `limit` bytes."""
+        self, url: str, headers: dict[str, str], limit: int, sink: Callable[[bytes], None]
+    ) -> httpx.Headers:
+        """One GET under the connection limit, whole within `timeout`; body (at most `limit`
+        bytes) handed to `sink` chunk by chunk."""
         async with self.limiter:
             self.stats.requests += 1
             self.stats.requests_in_flight += 1
             start = trio.current_time()
             try:
                 with trio.fail_after(self.opts.timeout):
-                    return await self._get_body(url, headers, limit)
+                    return await self._get_body(url, headers, limit, sink)
             except trio.TooSlowError:
                 message = f"timed out after {self.opts.timeout:g}s"
                 raise FetchError(message, transient=True) from None
@@ -152,8 +153,8 @@ class StoreClient:
                 self.stats.record_fetch(trio.current_time() - start)
 
     async def _get_body(
-        self, url: str, headers: dict[str, str], limit: int
-    ) -> tuple[httpx.Headers, bytes]:
+        self, url: str, headers: dict[str, str], limit: int, sink: Callable[[bytes], None]
+    ) -> httpx.Headers:
         async with self.client.stream("GET", url, headers=headers) as resp:
             if headers.get("Range"):
                 checks.check_status(resp.status_code, redact(url))
@@ -162,21 +163,22 @@ class StoreClient:
                 raise FetchError(
                     f"HTTP {resp.status_code}", transient=transient, status=resp.status_code
                 )
-            chunks, received = [], 0
+            received = 0
             async for chunk in resp.aiter_raw():
-                chunks.append(chunk)
                 received += len(chunk)
                 if received > limit:
                     raise FetchError("reply longer than asked for", transient=True)
-            return resp.headers, b"".join(chunks)
+                sink(chunk)
+            return resp.headers
 
     async def get_metadata(self, path: str) -> bytes:
         """A whole metadata file; failures become one-line StoreErrors."""
         url = self.url(path)
 
         async def attempt() -> bytes:
-            _, body = await self._get(url, {}, MAX_METADATA_BYTES)
-            return body
+            chunks: list[bytes] = []
+            await self._get(url, {}, MAX_METADATA_BYTES, chunks.append)
+            return b"".join(chunks)
 
         try:
             return await self.with_retries(attempt, redact(url))
@@ -194,8 +196,9 @@ class StoreClient:
         if image.size_bytes == 0:
             return
         try:
-            headers, _ = await self.with_retries(
-                lambda: self._get(image.url, {"Range": "bytes=0-0"}, 1), redact(image.url)
+            headers = await self.with_retries(
+                lambda: self._get(image.url, {"Range": "bytes=0-0"}, 1, lambda _: None),
+                redact(image.url),
             )
             image.validator = checks.check_range_headers(headers, 0, 1, image.size_bytes, None)
         except FetchError as exc:
@@ -211,26 +214,24 @@ class StoreClient:
         headers = {"Range": f"bytes={start}-{end - 1}"}
 
         async def attempt() -> list[bytes]:
-            reply_headers, body = await self._get(image.url, headers, end - start)
+            body = checks.BlockAssembler(block_size)
+            reply_headers = await self._get(image.url, headers, end - start, body.feed)
             validator = checks.check_range_headers(
                 reply_headers, start, end, image.size_bytes, image.validator
             )
-            if len(body) != end - start:
-                raise FetchError(f"short body: {len(body)} of {end - start}", transient=True)
+            if body.size_bytes != end - start:
+                raise FetchError(f"short body: {body.size_bytes} of {end - start}", transient=True)
             if image.validator is None:
                 image.validator = validator
             self.stats.bytes_fetched += end - start
+            blocks = body.finish()
             try:
-                return await trio.to_thread.run_sync(
-                    checks.split_verified,
-                    body,
-                    start,
-                    block_size,
-                    image.digests,
-                    image.digest_block_size,
+                await trio.to_thread.run_sync(
+                    checks.verify_blocks, blocks, start, image.digests, image.digest_block_size
                 )
             except FetchError:
                 self.stats.verify_failures += 1
                 raise
+            return blocks
 
         return await self.with_retries(attempt, f"{redact(image.url)} [{start},{end})")

@@ -6,11 +6,12 @@ import os
 import pytest
 
 from backupfs.checks import (
+    BlockAssembler,
     check_range_headers,
     check_status,
     parse_content_range,
-    split_verified,
     validator_of,
+    verify_blocks,
 )
 from backupfs.errors import FetchError
 
@@ -150,6 +151,22 @@ def _digests(data: bytes, digest_block_size: int) -> list[bytes]:
         hashlib.sha256(data[i : i + digest_block_size]).digest()
         for i in range(0, len(data), digest_block_size)
     ]
+
+
+def split_verified(
+    body: bytes, start: int, block_size: int, digests: list[bytes] | None, digest_block_size: int
+) -> list[bytes]:
+    """Feed `body` through a BlockAssembler in uneven chunks, then verify the blocks."""
+    assembler = BlockAssembler(block_size)
+    pos, step = 0, 1
+    while pos < len(body):
+        assembler.feed(body[pos : pos + step])
+        pos += step
+        step = step * 3 + 7
+    blocks = assembler.finish()
+    assert assembler.size_bytes == len(body)
+    verify_blocks(blocks, start, digests, digest_block_size)
+    return blocks
 
 
 @pytest.mark.parametrize(

@@ -107,11 +107,22 @@ def test_missing_value_is_rejected(key: str) -> None:
     assert str(info.value) == f"mount option '{key}' needs a value (name=value)"
 
 
-def test_readahead_at_most_half_the_cache() -> None:
-    assert parse_options(["cache_size=128M,readahead=64M"]).readahead == 64 << 20
-    with pytest.raises(UserError, match=r"readahead= must be at most half of cache_size="):
-        parse_options(["cache_size=128M,readahead=65M"])
-    assert parse_options(["cache_size=64M"]).readahead == 32 << 20  # the default shrinks
+def test_cache_size_bounds_cache_plus_replies_in_flight() -> None:
+    opts = parse_options([])
+    assert opts.lru_bytes + opts.connections * opts.request_size == opts.cache_size
+    assert opts.readahead <= opts.lru_bytes // 2
+    assert parse_options(["cache_size=192M,readahead=64M"]).readahead == 64 << 20
+    with pytest.raises(UserError, match=r"^readahead= must be at most half of cache_size= less"):
+        parse_options(["cache_size=128M,readahead=64M"])
+    with pytest.raises(UserError, match=r"request_size= must be at most half of cache_size="):
+        parse_options(["cache_size=64M,connections=8,request_size=8M"])
+
+
+def test_a_small_cache_shrinks_the_defaults() -> None:
+    opts = parse_options(["cache_size=64M"])
+    assert opts.request_size == 2 << 20  # a quarter of the cache over 8 connections
+    assert opts.readahead == 24 << 20  # half of what is left for the LRU
+    assert opts.lru_bytes == 48 << 20
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,105 @@
+"""Sequential-read benchmark: `dd bs=1M` of a 1 GiB image through a backupfs mount, next to
+`curl` of the same image through the same delaying proxy, at several round-trip times.
+
+    python3 bench/run.py [--runs 3] [--rtt 0,20] [--size-mib 1024]
+
+Prints one table of medians; every run is cold (a fresh mount). Needs root, nginx, fuse3.
+"""
+
+import argparse
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from backupfs.indexer import index_store  # noqa: E402
+from tests.support.mounting import mounted  # noqa: E402
+from tests.support.nginx import Nginx  # noqa: E402
+from tests.support.proxy import DelayProxy  # noqa: E402
+
+IMAGE = "bench/2026-01-01T0000Z/disk0.img"
+
+
+def make_store(root: Path, size_mib: int) -> None:
+    path = root / IMAGE
+    if not path.exists() or path.stat().st_size != size_mib << 20:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "wb") as f:
+            for _ in range(size_mib // 16):
+                f.write(os.urandom(16 << 20))
+    index_store(root, say=lambda _: None)
+
+
+def curl_mbps(url: str) -> float:
+    out = subprocess.run(
+        ["curl", "-sf", "-o", "/dev/null", "-w", "%{size_download} %{time_total}", url],
+        capture_output=True, text=True, check=True, timeout=600,
+    ).stdout.split()
+    return int(out[0]) / float(out[1]) / 1e6
+
+
+def peak_rss_mib(pid: int) -> float:
+    status = Path(f"/proc/{pid}/status").read_text()
+    m = re.search(r"VmHWM:\s+(\d+) kB", status)
+    return int(m.group(1)) / 1024 if m else float("nan")
+
+
+def mount_mbps(url: str, mnt: Path, options: list[str]) -> tuple[float, float]:
+    with mounted(url, mnt, *options) as proc:
+        start = time.perf_counter()
+        subprocess.run(
+            ["dd", f"if={mnt / IMAGE}", "of=/dev/null", "bs=1M"],
+            capture_output=True, check=True, timeout=900,
+        )
+        elapsed = time.perf_counter() - start
+        size = (mnt / IMAGE).stat().st_size
+        return size / elapsed / 1e6, peak_rss_mib(proc.pid)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--rtt", default="0,20", help="comma-separated round-trip times, ms")
+    parser.add_argument("--size-mib", type=int, default=1024)
+    parser.add_argument("--work", default=str(Path(__file__).parent / "out"))
+    parser.add_argument("-o", action="append", default=[], help="extra mount options")
+    args = parser.parse_args()
+
+    work = Path(args.work)
+    store = work / "store"
+    make_store(store, args.size_mib)
+    options = ",".join(args.o).split(",") if args.o else []
+    rows = []
+    with Nginx(store, work / "nginx") as nginx, tempfile.TemporaryDirectory() as tmp:
+        mnt = Path(tmp) / "mnt"
+        mnt.mkdir()
+        links = [("direct", None)] + [(f"proxy {r} ms", float(r)) for r in args.rtt.split(",")]
+        for name, rtt in links:
+            curl, mount, rss = [], [], []
+            for _ in range(args.runs):
+                if rtt is None:
+                    curl.append(curl_mbps(nginx.url + IMAGE))
+                    mbps, peak = mount_mbps(nginx.url, mnt, options)
+                else:
+                    with DelayProxy(nginx.port, rtt_ms=rtt) as proxy:
+                        curl.append(curl_mbps(proxy.url + IMAGE))
+                        mbps, peak = mount_mbps(proxy.url, mnt, options)
+                mount.append(mbps)
+                rss.append(peak)
+            rows.append((name, statistics.median(curl), statistics.median(mount), max(rss)))
+
+    print(f"\n1 GiB image, dd bs=1M through the mount vs curl; median of {args.runs} cold runs")
+    print(f"mount options: {','.join(options) or '(defaults)'}")
+    print(f"{'link':<14} {'curl MB/s':>10} {'mount MB/s':>11} {'mount/curl':>11} {'peak RSS MiB':>13}")
+    for name, c, m, r in rows:
+        print(f"{name:<14} {c:>10.0f} {m:>11.0f} {m / c:>10.0%} {r:>13.0f}")
+
+
+if __name__ == "__main__":
+    main()
