@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pyfuse3
 import trio
+import trio.lowlevel
 
 from backupfs import tuning
 from backupfs.blocks import BlockReader
@@ -49,6 +50,20 @@ async def _cancel_on_signal(signals: AsyncIterator[int], scope: trio.CancelScope
         return
 
 
+async def _when_initialized(
+    ops: BackupFsOps, mountpoint: str, ready: Callable[[], None]
+) -> None:
+    """Tune the mount and report ready once the kernel's FUSE_INIT is answered.
+
+    The kernel sets the mount's readahead when it reads our INIT reply, which libfuse
+    writes right after ops.init() returns: override it after that.
+    """
+    await ops.initialized.wait()
+    await trio.lowlevel.checkpoint()
+    tuning.raise_kernel_readahead(mountpoint)
+    ready()
+
+
 async def serve(
     url: str, mountpoint: str, opts: MountOptions, token: str | None, ready: Callable[[], None]
 ) -> None:
@@ -63,13 +78,12 @@ async def serve(
             reader = BlockReader(store, cache, nursery, opts.request_size, stats)
             ops = BackupFsOps(tree, reader, store, readahead, opts.allow_other)
             pyfuse3.init(ops, mountpoint, fuse_mount_options(url, opts))
-            tuning.raise_kernel_readahead(mountpoint)
             unmounted = False
             try:
                 log.info("mounted %s on %s", redact(url), mountpoint)
                 with trio.CancelScope() as main_scope:
                     nursery.start_soon(_cancel_on_signal, signals, main_scope)
-                    ready()
+                    nursery.start_soon(_when_initialized, ops, mountpoint, ready)
                     await pyfuse3.main()
                     unmounted = True  # main() returns once the kernel unmounted us
             except BaseException:

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from typing import cast
 
 import pyfuse3
+import trio
 
 from backupfs.blocks import BlockReader
 from backupfs.errors import FetchError, StoreError
@@ -43,6 +44,10 @@ class BackupFsOps(pyfuse3.Operations):
         self.dir_mode = 0o555 if allow_other else 0o500
         self._handles: dict[int, tuple[Node, StreamTracker]] = {}
         self._next_fh = 1
+        self.initialized = trio.Event()  # set once the kernel's FUSE_INIT is answered
+
+    def init(self) -> None:
+        self.initialized.set()
 
     def _node(self, inode: int) -> Node:
         node = self.tree.nodes.get(inode)
