@@ -1,7 +1,10 @@
 """Sequential-read benchmark: `dd bs=1M` of a 1 GiB image through a backupfs mount, next to
 `curl` of the same image through the same delaying proxy, at several round-trip times.
 
-    python3 bench/run.py [--runs 3] [--rtt 0,20] [--size-mib 1024]
+    python3 bench/run.py [--runs 3] [--links direct,0,20,20@400] [--size-mib 1024]
+
+A link is `direct` (nginx on loopback) or `RTT_MS[@MBIT]`: a delaying proxy with that
+round-trip time and, optionally, a bandwidth cap.
 
 Prints one table of medians; every run is cold (a fresh mount). Needs root, nginx, fuse3.
 """
@@ -50,22 +53,30 @@ def peak_rss_mib(pid: int) -> float:
     return int(m.group(1)) / 1024 if m else float("nan")
 
 
-def mount_mbps(url: str, mnt: Path, options: list[str]) -> tuple[float, float]:
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def mount_mbps(url: str, mnt: Path, options: list[str]) -> tuple[float, float, float]:
+    """MB/s of dd through a fresh mount, the daemon's peak RSS (MiB) and CPU share."""
     with mounted(url, mnt, *options) as proc:
+        cpu_before = cpu_seconds(proc.pid)
         start = time.perf_counter()
         subprocess.run(
             ["dd", f"if={mnt / IMAGE}", "of=/dev/null", "bs=1M"],
             capture_output=True, check=True, timeout=900,
         )
         elapsed = time.perf_counter() - start
+        cpu = (cpu_seconds(proc.pid) - cpu_before) / elapsed
         size = (mnt / IMAGE).stat().st_size
-        return size / elapsed / 1e6, peak_rss_mib(proc.pid)
+        return size / elapsed / 1e6, peak_rss_mib(proc.pid), cpu
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--rtt", default="0,20", help="comma-separated round-trip times, ms")
+    parser.add_argument("--links", default="direct,0,20,20@400", help="see the module doc")
     parser.add_argument("--size-mib", type=int, default=1024)
     parser.add_argument("--work", default=str(Path(__file__).parent / "out"))
     parser.add_argument("-o", action="append", default=[], help="extra mount options")
@@ -79,26 +90,42 @@ def main() -> None:
     with Nginx(store, work / "nginx") as nginx, tempfile.TemporaryDirectory() as tmp:
         mnt = Path(tmp) / "mnt"
         mnt.mkdir()
-        links = [("direct", None)] + [(f"proxy {r} ms", float(r)) for r in args.rtt.split(",")]
-        for name, rtt in links:
-            curl, mount, rss = [], [], []
+        for link in args.links.split(","):
+            curl, mount, rss, cpu = [], [], [], []
             for _ in range(args.runs):
-                if rtt is None:
+                if link == "direct":
                     curl.append(curl_mbps(nginx.url + IMAGE))
-                    mbps, peak = mount_mbps(nginx.url, mnt, options)
+                    mbps, peak, busy = mount_mbps(nginx.url, mnt, options)
                 else:
-                    with DelayProxy(nginx.port, rtt_ms=rtt) as proxy:
+                    rtt, _, rate = link.partition("@")
+                    with DelayProxy(
+                        nginx.port, rtt_ms=float(rtt), rate_mbit=float(rate) if rate else None
+                    ) as proxy:
                         curl.append(curl_mbps(proxy.url + IMAGE))
-                        mbps, peak = mount_mbps(proxy.url, mnt, options)
+                        mbps, peak, busy = mount_mbps(proxy.url, mnt, options)
                 mount.append(mbps)
                 rss.append(peak)
-            rows.append((name, statistics.median(curl), statistics.median(mount), max(rss)))
+                cpu.append(busy)
+            rows.append(
+                (
+                    link,
+                    statistics.median(curl),
+                    statistics.median(mount),
+                    max(rss),
+                    statistics.median(cpu),
+                )
+            )
 
     print(f"\n1 GiB image, dd bs=1M through the mount vs curl; median of {args.runs} cold runs")
     print(f"mount options: {','.join(options) or '(defaults)'}")
-    print(f"{'link':<14} {'curl MB/s':>10} {'mount MB/s':>11} {'mount/curl':>11} {'peak RSS MiB':>13}")
-    for name, c, m, r in rows:
-        print(f"{name:<14} {c:>10.0f} {m:>11.0f} {m / c:>10.0%} {r:>13.0f}")
+    print("link: direct = nginx on loopback; RTT_MS[@MBIT] = delaying proxy (RTT, link cap)")
+    print("RSS: the daemon's peak; CPU: daemon CPU time / wall time during dd (2 cores here)")
+    print(
+        f"{'link':<10} {'curl MB/s':>10} {'mount MB/s':>11} {'mount/curl':>11} "
+        f"{'RSS MiB':>8} {'CPU':>5}"
+    )
+    for name, c, m, r, u in rows:
+        print(f"{name:<10} {c:>10.0f} {m:>11.0f} {m / c:>10.0%} {r:>8.0f} {u:>5.0%}")
 
 
 if __name__ == "__main__":

@@ -228,3 +228,26 @@ def test_argument_errors(store: Store, mnt: Path, tmp_path: Path) -> None:
         assert result.stderr == (
             f"backupfs: mountpoint {mnt} is busy (something is already mounted there)\n"
         )
+
+
+def test_block_size_option(store: Store, mnt: Path) -> None:
+    rng = random.Random(7)
+    with (
+        mounted(store.url, mnt, "block_size=1M", "cache_size=64M"),
+        open(store.path(BIG), "rb") as src,
+        open(mnt / BIG, "rb") as f,
+    ):
+        for _ in range(50):
+            offset, size = rng.randrange(0, BIG_SIZE), rng.choice([100, 70_000, 3 << 20])
+            assert os.pread(f.fileno(), size, offset) == os.pread(src.fileno(), size, offset)
+    assert _mount_error(store.url, mnt, "-o", "block_size=100K") == (
+        "block_size=102400 is not a multiple of the store's block size (262144) "
+        f"for {BIG}"
+    )
+
+
+def test_allow_other_makes_images_world_readable(store: Store, mnt: Path) -> None:
+    with mounted(store.url, mnt, "allow_other"):
+        assert stat.S_IMODE(os.stat(mnt / BIG).st_mode) == 0o444
+        assert stat.S_IMODE(os.stat(mnt / "web01").st_mode) == 0o555
+        assert "allow_other" in Path("/proc/self/mountinfo").read_text()
