@@ -100,6 +100,49 @@ def cmd_umount(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_attach(args: argparse.Namespace) -> int:
+    from backupfs import attach
+
+    att = attach.attach(
+        attach.AttachRequest(
+            image=args.image,
+            target=args.target,
+            clones=args.clones,
+            partition=args.partition,
+            follow_symlinks=args.follow_symlinks,
+            direct_io=args.direct_io,
+        )
+    )
+    print("\n".join(attach.describe(att)))
+    return 0
+
+
+def cmd_detach(args: argparse.Namespace) -> int:
+    from backupfs import attach
+
+    status = 0
+    for target in args.targets:
+        if not attach.detach(target):
+            print(f"backupfs: nothing attached at {target}", file=sys.stderr)
+    return status
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from backupfs import attach, attach_state
+
+    attachments = attach_state.load_all()
+    if args.json:
+        json.dump([asdict(a) for a in attachments], sys.stdout, indent=1)
+        print()
+    elif not attachments:
+        print("nothing attached")
+    for att in [] if args.json else attachments:
+        print("\n".join(attach.describe(att)))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="backupfs", description="Browse and restore files from disk-image backups over HTTP."
@@ -134,6 +177,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-f", "--foreground", action="store_true", help="stay in the foreground")
     p.add_argument("-o", action="append", default=[], metavar="OPT,...", help="mount options")
     p.set_defaults(func=cmd_mount)
+
+    p = sub.add_parser("attach", help="open a disk image's filesystems read-only at TARGET/p<K>")
+    p.add_argument("image", metavar="IMAGE")
+    p.add_argument("target", metavar="TARGET")
+    p.add_argument(
+        "--clones",
+        type=int,
+        default=4,
+        help="loop devices per partition, for parallel readers (default 4)",
+    )
+    p.add_argument("--partition", type=int, metavar="K", help="attach only partition K")
+    p.add_argument(
+        "--follow-symlinks",
+        action="store_true",
+        help="let paths follow symlinks inside the backup (default: nosymfollow)",
+    )
+    p.add_argument("--direct-io", action="store_true", help="loop devices with direct I/O")
+    p.set_defaults(func=cmd_attach)
+
+    p = sub.add_parser("detach", help="undo an attach (also after a crashed attach)")
+    p.add_argument("targets", nargs="+", metavar="TARGET")
+    p.set_defaults(func=cmd_detach)
+
+    p = sub.add_parser("status", help="list attachments")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("umount", help="unmount a backupfs mount")
     p.add_argument("mountpoint", metavar="MOUNTPOINT")

@@ -50,9 +50,7 @@ async def _cancel_on_signal(signals: AsyncIterator[int], scope: trio.CancelScope
         return
 
 
-async def _when_initialized(
-    ops: BackupFsOps, mountpoint: str, ready: Callable[[], None]
-) -> None:
+async def _when_initialized(ops: BackupFsOps, mountpoint: str, ready: Callable[[], None]) -> None:
     """Tune the mount and report ready once the kernel's FUSE_INIT is answered.
 
     The kernel sets the mount's readahead when it reads our INIT reply, which libfuse

@@ -1,0 +1,124 @@
+"""What an attachment set up, journalled under the run directory before each step.
+
+The file is rewritten atomically (write, fsync, rename) before every loop device and
+mount is created, so a crash at any point leaves a record `backupfs detach` can undo.
+"""
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from backupfs.errors import UserError
+
+RUN_DIR_ENV = "BACKUPFS_RUN_DIR"
+
+
+def run_dir() -> Path:
+    return Path(os.environ.get(RUN_DIR_ENV, "/run/backupfs"))
+
+
+@dataclass
+class PartitionRecord:
+    number: int
+    start_bytes: int
+    size_bytes: int
+    fstype: str | None
+    label: str | None
+    skipped: str | None  # why it is not mounted, or None
+
+
+@dataclass
+class LoopRecord:
+    device: str
+    partition: int
+    clone: int
+    start_bytes: int
+
+
+@dataclass
+class MountRecord:
+    path: str
+    device: str
+    partition: int
+    clone: int
+    fstype: str
+    options: str
+
+
+@dataclass
+class Attachment:
+    target: str
+    image: str
+    clones: int
+    created_target: bool
+    partitions: list[PartitionRecord] = field(default_factory=list)
+    loops: list[LoopRecord] = field(default_factory=list)
+    mounts: list[MountRecord] = field(default_factory=list)
+    complete: bool = False
+
+    @property
+    def key(self) -> str:
+        return hashlib.sha256(self.target.encode()).hexdigest()[:16]
+
+    @property
+    def private_dir(self) -> Path:
+        """Where the mounts of clones 1..N-1 live; users never need to look there."""
+        return run_dir() / "clones" / self.key
+
+    def clone_mounts(self, partition: int) -> list[MountRecord]:
+        return sorted((m for m in self.mounts if m.partition == partition), key=lambda m: m.clone)
+
+
+def state_path(target: str) -> Path:
+    return run_dir() / "attach" / f"{hashlib.sha256(target.encode()).hexdigest()[:16]}.json"
+
+
+def save(att: Attachment) -> None:
+    path = state_path(att.target)
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        json.dump(asdict(att), f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _from_dict(doc: dict[str, Any]) -> Attachment:
+    return Attachment(
+        target=doc["target"],
+        image=doc["image"],
+        clones=doc["clones"],
+        created_target=doc["created_target"],
+        partitions=[PartitionRecord(**p) for p in doc["partitions"]],
+        loops=[LoopRecord(**r) for r in doc["loops"]],
+        mounts=[MountRecord(**r) for r in doc["mounts"]],
+        complete=doc["complete"],
+    )
+
+
+def load(target: str) -> Attachment | None:
+    path = state_path(target)
+    try:
+        return _from_dict(json.loads(path.read_text()))
+    except FileNotFoundError:
+        return None
+    except (ValueError, TypeError, KeyError) as exc:
+        raise UserError(f"{path}: unreadable attachment record ({exc})") from None
+
+
+def remove(att: Attachment) -> None:
+    state_path(att.target).unlink(missing_ok=True)
+
+
+def load_all() -> list[Attachment]:
+    found = []
+    for path in sorted((run_dir() / "attach").glob("*.json")):
+        try:
+            found.append(_from_dict(json.loads(path.read_text())))
+        except (OSError, ValueError, TypeError, KeyError):
+            continue
+    return found

@@ -1,0 +1,38 @@
+"""How each filesystem type is mounted from a backup, or why it is skipped. Pure data."""
+
+# Options that make a read-only mount of a possibly unclean filesystem safe, and that let
+# several clones of one filesystem be mounted at once.
+_FS_OPTIONS = {
+    "ext4": ["noload"],  # no journal replay
+    "ext3": ["noload"],
+    "ext2": [],
+    "xfs": ["norecovery", "nouuid"],  # no log recovery; clones share a UUID
+    "btrfs": ["rescue=nologreplay"],  # clones of one fs get a temporary fsid (Linux 6.7+)
+    "vfat": [],
+    "exfat": [],
+    "iso9660": [],
+}
+_SKIP_REASONS = {
+    "swap": "swap space, no files",
+    "LVM2_member": "LVM physical volume (not supported)",
+    "crypto_LUKS": "LUKS encrypted volume (not supported)",
+    "linux_raid_member": "MD RAID member (not supported)",
+    "zfs_member": "ZFS pool member (not supported)",
+}
+SAFE_OPTIONS = ["ro", "nosuid", "nodev", "noexec"]
+
+
+def skip_reason(fstype: str | None) -> str | None:
+    """Why a partition is not mounted, or None when it is mountable."""
+    if fstype is None:
+        return "no filesystem found"
+    if fstype in _FS_OPTIONS:
+        return None
+    return _SKIP_REASONS.get(fstype, f"filesystem type {fstype} is not supported")
+
+
+def mount_options(fstype: str, follow_symlinks: bool) -> str:
+    options = [*SAFE_OPTIONS, *_FS_OPTIONS[fstype]]
+    if not follow_symlinks:
+        options.append("nosymfollow")
+    return ",".join(options)

@@ -1,0 +1,107 @@
+"""What is on a disk image: its partition table and the filesystem in each partition.
+
+Read in userspace (sfdisk, blkid), never through the kernel's partition parsers, which
+some kernels lack. Parsing is pure; `read_disk` runs the tools.
+"""
+
+import json
+import subprocess
+from dataclasses import dataclass
+
+from backupfs.errors import UserError
+
+TOOL_TIMEOUT_S = 120
+_EXTENDED_MBR_TYPES = {"5", "f", "85"}  # containers of logical partitions, not filesystems
+
+
+@dataclass(frozen=True)
+class Partition:
+    number: int  # 0: a bare filesystem, no partition table
+    start_bytes: int
+    size_bytes: int
+    fstype: str | None = None
+    label: str | None = None
+    uuid: str | None = None
+
+    @property
+    def name(self) -> str:
+        return f"p{self.number}"
+
+
+def parse_blkid_export(text: str) -> dict[str, str]:
+    """`blkid -o export` output: KEY=value lines."""
+    out = {}
+    for line in text.splitlines():
+        key, sep, value = line.partition("=")
+        if sep:
+            out[key.strip()] = value.strip()
+    return out
+
+
+def parse_sfdisk_json(text: str) -> list[Partition]:
+    """Partitions from `sfdisk --json`; extended (container) MBR partitions are left out."""
+    try:
+        table = json.loads(text)["partitiontable"]
+        sector = int(table.get("sectorsize", 512))
+        device = table.get("device", "")
+        parts: list[Partition] = []
+        for p in table.get("partitions", []):
+            extended = str(p.get("type", "")).lower() in _EXTENDED_MBR_TYPES
+            if table.get("label") == "dos" and extended:
+                continue
+            node = str(p["node"])
+            number = int(node[len(device) :]) if node.startswith(device) else len(parts) + 1
+            parts.append(Partition(number, int(p["start"]) * sector, int(p["size"]) * sector))
+        return parts
+    except (ValueError, KeyError, TypeError) as exc:
+        raise UserError(f"cannot read the partition table: {exc}") from None
+
+
+def _run(argv: list[str]) -> subprocess.CompletedProcess[str]:
+    try:
+        return subprocess.run(argv, capture_output=True, text=True, timeout=TOOL_TIMEOUT_S)
+    except FileNotFoundError:
+        raise UserError(f"{argv[0]} is not installed") from None
+    except subprocess.TimeoutExpired:
+        raise UserError(f"{argv[0]} took longer than {TOOL_TIMEOUT_S}s on the image") from None
+
+
+def probe(
+    image: str, start_bytes: int | None = None, size_bytes: int | None = None
+) -> dict[str, str]:
+    """Low-level blkid probe of the image, or of a range of it; {} when nothing is found."""
+    argv = ["blkid", "-p", "-o", "export"]
+    if start_bytes is not None and size_bytes is not None:
+        argv += ["-O", str(start_bytes), "-S", str(size_bytes)]
+    proc = _run([*argv, image])
+    if proc.returncode == 2:
+        return {}
+    if proc.returncode != 0:
+        reason = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "failed"
+        raise UserError(f"{image}: blkid: {reason}")
+    return parse_blkid_export(proc.stdout)
+
+
+def read_disk(image: str, size_bytes: int) -> list[Partition]:
+    """Every partition (or the one bare filesystem) with its detected filesystem type."""
+    whole = probe(image)
+    if "PTTYPE" not in whole:
+        if "TYPE" in whole:
+            return [_with_probe(Partition(0, 0, size_bytes), whole)]
+        raise UserError(f"{image}: no partition table or filesystem found (not a disk image?)")
+    proc = _run(["sfdisk", "--json", image])
+    if proc.returncode != 0:
+        raise UserError(f"{image}: sfdisk cannot read its {whole['PTTYPE']} partition table")
+    parts = parse_sfdisk_json(proc.stdout)
+    return [_with_probe(p, probe(image, p.start_bytes, p.size_bytes)) for p in parts]
+
+
+def _with_probe(part: Partition, found: dict[str, str]) -> Partition:
+    return Partition(
+        part.number,
+        part.start_bytes,
+        part.size_bytes,
+        found.get("TYPE"),
+        found.get("LABEL"),
+        found.get("UUID"),
+    )
