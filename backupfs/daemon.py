@@ -65,6 +65,7 @@ async def _when_initialized(ops: BackupFsOps, mountpoint: str, ready: Callable[[
 async def serve(
     url: str, mountpoint: str, opts: MountOptions, token: str | None, ready: Callable[[], None]
 ) -> None:
+    tuning.mark_io_flusher()
     stats = Stats()
     readahead = ReadaheadConfig(max_bytes=opts.readahead)
     # Receive signals from the start, so that one sent right after "ready" is not lost.

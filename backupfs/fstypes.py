@@ -1,4 +1,7 @@
-"""How each filesystem type is mounted from a backup, or why it is skipped. Pure data."""
+"""How each filesystem type is mounted from a backup, or why it is skipped."""
+
+import os
+from pathlib import Path
 
 # Options that make a read-only mount of a possibly unclean filesystem safe, and that let
 # several clones of one filesystem be mounted at once.
@@ -22,13 +25,24 @@ _SKIP_REASONS = {
 SAFE_OPTIONS = ["ro", "nosuid", "nodev", "noexec"]
 
 
+def kernel_has(fstype: str) -> bool:
+    """The running kernel has this filesystem built in, loaded, or as a module to load."""
+    with open("/proc/filesystems") as f:
+        if fstype in (line.split()[-1] for line in f if line.strip()):
+            return True
+    modules = Path("/lib/modules") / os.uname().release / "kernel" / "fs"
+    return any(modules.glob(f"**/{fstype}.ko*")) if modules.is_dir() else False
+
+
 def skip_reason(fstype: str | None) -> str | None:
     """Why a partition is not mounted, or None when it is mountable."""
     if fstype is None:
         return "no filesystem found"
-    if fstype in _FS_OPTIONS:
-        return None
-    return _SKIP_REASONS.get(fstype, f"filesystem type {fstype} is not supported")
+    if fstype not in _FS_OPTIONS:
+        return _SKIP_REASONS.get(fstype, f"filesystem type {fstype} is not supported")
+    if not kernel_has(fstype):
+        return f"the running kernel has no {fstype} driver"
+    return None
 
 
 def mount_options(fstype: str, follow_symlinks: bool) -> str:

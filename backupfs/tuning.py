@@ -1,11 +1,30 @@
 """Best-effort kernel tuning for the mount daemon (measured in docs/benchmarks.md)."""
 
+import ctypes
+import ctypes.util
 import logging
 
 from backupfs.mounts import read_mounts_dev
 
 log = logging.getLogger(__name__)
 KERNEL_READAHEAD_KB = 1024
+_PR_SET_IO_FLUSHER = 57
+
+
+def mark_io_flusher() -> None:
+    """Tell the kernel this process serves I/O (Linux 5.6+, needs CAP_SYS_RESOURCE).
+
+    Memory reclaim triggered by the daemon's own allocations then never waits on I/O,
+    which could need this very daemon: the classic deadlock of a FUSE file behind a loop
+    device under memory pressure. The chain is read-only too, so reclaim never has dirty
+    pages of it to write back.
+    """
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return
+    libc = ctypes.CDLL(name, use_errno=True)
+    if libc.prctl(_PR_SET_IO_FLUSHER, 1, 0, 0, 0) != 0:
+        log.info("PR_SET_IO_FLUSHER unavailable (errno %d)", ctypes.get_errno())
 
 
 def raise_kernel_readahead(mountpoint: str) -> None:

@@ -366,7 +366,10 @@ def make_fs_image(path: Path, spec: PartSpec) -> None:
         elif spec.tree is not None:
             raise ValueError("an unformatted ('none') partition cannot hold a tree")
         if (actual := path.stat().st_size) != size:
-            raise RuntimeError(f"{spec.fstype} image {path} is {actual} bytes, not {size}")
+            raise RuntimeError(
+                f"{spec.fstype} image {path} grew to {actual} bytes instead of {size}: "
+                "size_mib is too small for the filesystem or its tree"
+            )
     except BaseException:
         path.unlink(missing_ok=True)
         raise
