@@ -7,6 +7,7 @@ directory, where `backupfs restore` spreads its readers. Every step is journalle
 
 import contextlib
 import os
+import stat
 import subprocess
 import time
 from dataclasses import dataclass
@@ -38,14 +39,15 @@ def _check_image(image: str) -> int:
         fd = os.open(image, os.O_RDONLY)
     except FileNotFoundError:
         raise UserError(f"{image}: no such file") from None
-    except IsADirectoryError:
-        raise UserError(f"{image}: is a directory, not a disk image") from None
     except OSError as exc:
         raise UserError(f"{image}: cannot open: {exc.strerror}") from None
     try:
-        size = os.fstat(fd).st_size
+        st = os.fstat(fd)
     finally:
         os.close(fd)
+    if stat.S_ISDIR(st.st_mode):
+        raise UserError(f"{image}: is a directory, not a disk image")
+    size = st.st_size
     if size == 0:
         raise UserError(f"{image}: empty file, not a disk image")
     return size

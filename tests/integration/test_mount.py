@@ -1,7 +1,6 @@
 """A real backupfs mount of a store served by a real nginx."""
 
 import errno
-import hashlib
 import json
 import os
 import random
@@ -20,18 +19,11 @@ from tests.support.mounting import (
     kill_daemons,
     mounted,
     run_cli,
+    sha256_file,
     start_foreground,
     stop,
     unmount,
 )
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def test_ls_lists_every_disk(store: Store) -> None:
@@ -241,8 +233,7 @@ def test_block_size_option(store: Store, mnt: Path) -> None:
             offset, size = rng.randrange(0, BIG_SIZE), rng.choice([100, 70_000, 3 << 20])
             assert os.pread(f.fileno(), size, offset) == os.pread(src.fileno(), size, offset)
     assert _mount_error(store.url, mnt, "-o", "block_size=100K") == (
-        "block_size=102400 is not a multiple of the store's block size (262144) "
-        f"for {BIG}"
+        f"block_size=102400 is not a multiple of the store's block size (262144) for {BIG}"
     )
 
 

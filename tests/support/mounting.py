@@ -1,6 +1,7 @@
 """Run `backupfs mount -f` as a child with a known PID, wait for READY=1, tear it down."""
 
 import contextlib
+import hashlib
 import os
 import signal
 import socket
@@ -23,6 +24,14 @@ def run_cli(*args: str, timeout: float = 120, **kw: object) -> subprocess.Comple
         timeout=timeout,
         **kw,  # type: ignore
     )
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def is_mounted(path: Path) -> bool:
