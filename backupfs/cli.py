@@ -3,6 +3,7 @@
 import argparse
 import json
 import logging
+import os
 import subprocess
 import sys
 import time
@@ -143,6 +144,46 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_restore(args: argparse.Namespace) -> int:
+    from backupfs.restore import RestoreOptions, restore
+
+    existing = "overwrite" if args.overwrite else "skip" if args.skip_existing else "refuse"
+    opts = RestoreOptions(
+        jobs=args.jobs,
+        flush=not args.no_flush,
+        existing=existing,
+        progress=sys.stderr.isatty() and not args.json,
+    )
+    out = restore(args.sources, args.dest, opts)
+    if args.json:
+        json.dump(out.summary(), sys.stdout, indent=1)
+        print()
+    else:
+        print(
+            f"restored {out.files} files ({_human(out.bytes)}) in {out.seconds:.1f}s"
+            + (f", {out.skipped} already there" if out.skipped else "")
+        )
+        for result in out.flush:
+            print(f"flushed {result.line()}")
+    for path, error in out.failed:
+        print(f"backupfs: failed: {path}: {error}", file=sys.stderr)
+    if out.failed:
+        print(f"backupfs: {len(out.failed)} files failed, the rest was restored", file=sys.stderr)
+    return 0 if out.ok else 1
+
+
+def cmd_flush(args: argparse.Namespace) -> int:
+    from backupfs.durability import flush_paths
+
+    for path in args.paths:
+        if not os.path.exists(path):
+            raise UserError(f"{path}: no such file or directory")
+    results = flush_paths(args.paths)
+    for result in results:
+        print(result.line())
+    return 0 if all(r.error is None for r in results) else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="backupfs", description="Browse and restore files from disk-image backups over HTTP."
@@ -204,6 +245,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_status)
 
+    p = sub.add_parser("restore", help="copy files out of a backup durably, in parallel")
+    p.add_argument("sources", nargs="+", metavar="SRC")
+    p.add_argument("dest", metavar="DEST")
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=0,
+        help="parallel readers (default: 4, or one per loop clone if more)",
+    )
+    p.add_argument("--no-flush", action="store_true", help="skip the final syncfs")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="restore into a non-empty DEST, replacing every file",
+    )
+    group.add_argument(
+        "--skip-existing",
+        action="store_true",
+        help="restore into a non-empty DEST, leaving existing names alone",
+    )
+    p.add_argument("--json", action="store_true", help="a JSON summary on stdout")
+    p.set_defaults(func=cmd_restore)
+
+    p = sub.add_parser("flush", help="make files under PATH durable (after cp or rsync)")
+    p.add_argument("paths", nargs="+", metavar="PATH")
+    p.set_defaults(func=cmd_flush)
+
     p = sub.add_parser("umount", help="unmount a backupfs mount")
     p.add_argument("mountpoint", metavar="MOUNTPOINT")
     p.set_defaults(func=cmd_umount)
@@ -219,6 +288,8 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"backupfs: {exc}", file=sys.stderr)
         return exc.exit_code
+    except BrokenPipeError:  # `backupfs ls | head`
+        return 0
     except KeyboardInterrupt:
         print("backupfs: interrupted", file=sys.stderr)
         return 130

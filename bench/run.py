@@ -11,20 +11,17 @@ Prints one table of medians; every run is cold (a fresh mount). Needs root, ngin
 
 import argparse
 import os
-import re
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from common import LINK_HELP, cpu_seconds, link_url, peak_rss_mib
 
-from backupfs.indexer import index_store  # noqa: E402
-from tests.support.mounting import mounted  # noqa: E402
-from tests.support.nginx import Nginx  # noqa: E402
-from tests.support.proxy import DelayProxy  # noqa: E402
+from backupfs.indexer import index_store
+from tests.support.mounting import mounted
+from tests.support.nginx import Nginx
 
 IMAGE = "bench/2026-01-01T0000Z/disk0.img"
 
@@ -42,20 +39,12 @@ def make_store(root: Path, size_mib: int) -> None:
 def curl_mbps(url: str) -> float:
     out = subprocess.run(
         ["curl", "-sf", "-o", "/dev/null", "-w", "%{size_download} %{time_total}", url],
-        capture_output=True, text=True, check=True, timeout=600,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=600,
     ).stdout.split()
     return int(out[0]) / float(out[1]) / 1e6
-
-
-def peak_rss_mib(pid: int) -> float:
-    status = Path(f"/proc/{pid}/status").read_text()
-    m = re.search(r"VmHWM:\s+(\d+) kB", status)
-    return int(m.group(1)) / 1024 if m else float("nan")
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def mount_mbps(url: str, mnt: Path, options: list[str]) -> tuple[float, float, float]:
@@ -65,7 +54,9 @@ def mount_mbps(url: str, mnt: Path, options: list[str]) -> tuple[float, float, f
         start = time.perf_counter()
         subprocess.run(
             ["dd", f"if={mnt / IMAGE}", "of=/dev/null", "bs=1M"],
-            capture_output=True, check=True, timeout=900,
+            capture_output=True,
+            check=True,
+            timeout=900,
         )
         elapsed = time.perf_counter() - start
         cpu = (cpu_seconds(proc.pid) - cpu_before) / elapsed
@@ -76,7 +67,7 @@ def mount_mbps(url: str, mnt: Path, options: list[str]) -> tuple[float, float, f
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--links", default="direct,0,20,20@400", help="see the module doc")
+    parser.add_argument("--links", default="direct,0,20,20@400", help=LINK_HELP)
     parser.add_argument("--size-mib", type=int, default=1024)
     parser.add_argument("--work", default=str(Path(__file__).parent / "out"))
     parser.add_argument("-o", action="append", default=[], help="extra mount options")
@@ -93,16 +84,9 @@ def main() -> None:
         for link in args.links.split(","):
             curl, mount, rss, cpu = [], [], [], []
             for _ in range(args.runs):
-                if link == "direct":
-                    curl.append(curl_mbps(nginx.url + IMAGE))
-                    mbps, peak, busy = mount_mbps(nginx.url, mnt, options)
-                else:
-                    rtt, _, rate = link.partition("@")
-                    with DelayProxy(
-                        nginx.port, rtt_ms=float(rtt), rate_mbit=float(rate) if rate else None
-                    ) as proxy:
-                        curl.append(curl_mbps(proxy.url + IMAGE))
-                        mbps, peak, busy = mount_mbps(proxy.url, mnt, options)
+                with link_url(nginx, link) as url:
+                    curl.append(curl_mbps(url + IMAGE))
+                    mbps, peak, busy = mount_mbps(url, mnt, options)
                 mount.append(mbps)
                 rss.append(peak)
                 cpu.append(busy)

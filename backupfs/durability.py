@@ -1,0 +1,141 @@
+"""Making restored files durable: one syncfs(2) per filesystem, or fsync per file where the
+filesystem does not honour syncfs (NFS, CIFS/SMB, FUSE). Shared by `restore` and `flush`.
+
+syncfs reports writeback errors that happened since the descriptor it is given was
+opened (Linux 5.8+), so `Target.open` is called before any data is written.
+"""
+
+import ctypes
+import ctypes.util
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+# statfs f_type of filesystems where syncfs does not mean durable on the server
+_NO_SYNCFS = {
+    0x6969: "nfs",
+    0xFF534D42: "cifs",
+    0xFE534D42: "smb2",
+    0x65735546: "fuse",
+    0x01021997: "9p",
+    0x6165676C: "pstorefs",
+}
+_FS_NAMES = {0xEF53: "ext4", 0x58465342: "xfs", 0x9123683E: "btrfs", 0x01021994: "tmpfs",
+             0x4D44: "vfat", 0x2FC12FC1: "zfs", 0x794C7630: "overlay"}  # fmt: skip
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+
+
+class _Statfs(ctypes.Structure):
+    _fields_ = [("f_type", ctypes.c_long), ("_rest", ctypes.c_byte * 112)]
+
+
+def fs_type(path: str) -> int:
+    buf = _Statfs()
+    if _libc.statfs(os.fsencode(path), ctypes.byref(buf)) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), path)
+    return buf.f_type & 0xFFFFFFFF
+
+
+def fs_name(f_type: int) -> str:
+    return _NO_SYNCFS.get(f_type) or _FS_NAMES.get(f_type) or f"0x{f_type:x}"
+
+
+def syncfs(fd: int) -> None:
+    if _libc.syncfs(fd) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"syncfs: {os.strerror(err)}")
+
+
+def fsync_path(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@dataclass
+class Target:
+    """One filesystem being written to, with a descriptor opened before the writes."""
+
+    path: str
+    dev: int
+    f_type: int
+    fd: int
+    paths: list[str] = field(default_factory=list)  # what to fsync when syncfs won't do
+
+    @classmethod
+    def open(cls, path: str) -> "Target":
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        return cls(path, os.fstat(fd).st_dev, fs_type(path), fd)
+
+    @property
+    def uses_syncfs(self) -> bool:
+        return self.f_type not in _NO_SYNCFS
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+@dataclass(frozen=True)
+class FlushResult:
+    path: str
+    fs: str
+    method: str
+    seconds: float
+    error: str | None = None
+
+    def line(self) -> str:
+        status = f"FAILED: {self.error}" if self.error else f"in {self.seconds:.2f}s"
+        return f"{self.path} ({self.fs}): {self.method} {status}"
+
+
+def flush_target(target: Target, jobs: int = 16) -> FlushResult:
+    """syncfs the filesystem, or fsync every recorded path in parallel (files, then dirs)."""
+    start = time.monotonic()
+    try:
+        if target.uses_syncfs:
+            syncfs(target.fd)
+            method = "syncfs"
+        else:
+            with ThreadPoolExecutor(jobs) as pool:
+                list(pool.map(fsync_path, target.paths))
+            method = f"fsync of {len(target.paths)} files and directories"
+    except OSError as exc:
+        return FlushResult(target.path, fs_name(target.f_type), "flush", 0.0, str(exc))
+    return FlushResult(target.path, fs_name(target.f_type), method, time.monotonic() - start)
+
+
+def tree_paths(root: str) -> list[str]:
+    """Every file and directory under root, deepest first (a directory after its content)."""
+    out: list[str] = []
+    for dirpath, dirnames, filenames in os.walk(root, topdown=False):
+        out.extend(os.path.join(dirpath, n) for n in filenames)
+        out.extend(os.path.join(dirpath, n) for n in dirnames)
+    if Path(root).is_dir() and not Path(root).is_symlink():
+        out.append(root)
+    return [p for p in out if not os.path.islink(p)]
+
+
+def flush_paths(paths: list[str]) -> list[FlushResult]:
+    """`backupfs flush PATH...`: one result per filesystem."""
+    targets: dict[int, Target] = {}
+    for path in paths:
+        directory = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
+        target = Target.open(directory)
+        if target.dev in targets:
+            target.close()
+            target = targets[target.dev]
+        else:
+            targets[target.dev] = target
+        if not target.uses_syncfs:
+            target.paths.extend(tree_paths(path) if os.path.isdir(path) else [path])
+    try:
+        return [flush_target(t) for t in targets.values()]
+    finally:
+        for t in targets.values():
+            t.close()

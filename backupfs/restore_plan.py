@@ -1,0 +1,99 @@
+"""What a restore will do: the source tree walked once, and where its clones are.
+
+A source inside an attachment (`backupfs attach`) has the same relative path on every
+loop clone of its partition; readers are spread over those roots.
+"""
+
+import os
+import stat
+from dataclasses import dataclass, field
+
+from backupfs import attach_state
+from backupfs.errors import UserError
+
+
+@dataclass(frozen=True)
+class Entry:
+    rel: str  # path relative to the source root ("" for the root itself)
+    st: os.stat_result
+
+    @property
+    def is_dir(self) -> bool:
+        return stat.S_ISDIR(self.st.st_mode)
+
+    @property
+    def is_file(self) -> bool:
+        return stat.S_ISREG(self.st.st_mode)
+
+    @property
+    def is_symlink(self) -> bool:
+        return stat.S_ISLNK(self.st.st_mode)
+
+
+@dataclass
+class SourcePlan:
+    roots: list[str]  # the source on clone 0, 1, ... (one root when not attached)
+    dest: str
+    dirs: list[Entry] = field(default_factory=list)
+    files: list[Entry] = field(default_factory=list)
+    links: list[tuple[Entry, str]] = field(default_factory=list)  # (hardlink, rel of first)
+    others: list[Entry] = field(default_factory=list)  # symlinks, fifos, device nodes
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(e.st.st_size for e in self.files)
+
+
+def clone_roots(source: str) -> list[str]:
+    """The same path on every clone when `source` lies in an attached partition."""
+    real = os.path.realpath(source)
+    for att in attach_state.load_all():
+        for part in att.partitions:
+            mounts = att.clone_mounts(part.number)
+            if not mounts:
+                continue
+            base = mounts[0].path
+            if real == base or real.startswith(base + os.sep):
+                rel = os.path.relpath(real, base)
+                return [os.path.normpath(os.path.join(m.path, rel)) for m in mounts]
+    return [real]
+
+
+def walk(source: str, dest: str) -> SourcePlan:
+    """Everything under `source` (a directory, restored as `dest`), or `source` alone (a
+    file or link, restored into the directory `dest`)."""
+    roots = clone_roots(source)
+    try:
+        top = os.lstat(roots[0])
+    except OSError as exc:
+        raise UserError(f"{source}: {exc.strerror}") from None
+    if stat.S_ISDIR(top.st_mode):
+        plan, start = SourcePlan(roots, dest), Entry("", top)
+    else:
+        name = os.path.basename(roots[0])
+        plan, start = SourcePlan([os.path.dirname(r) for r in roots], dest), Entry(name, top)
+    first_of: dict[tuple[int, int], str] = {}
+    stack = [start]
+    while stack:
+        entry = stack.pop()
+        if entry.is_dir:
+            plan.dirs.append(entry)
+            path = os.path.join(roots[0], entry.rel)
+            with os.scandir(path) as it:
+                children = sorted(it, key=lambda d: d.name)
+            for child in children:
+                child_st = child.stat(follow_symlinks=False)
+                stack.append(Entry(os.path.join(entry.rel, child.name), child_st))
+        elif entry.is_file and entry.st.st_nlink > 1:
+            key = (entry.st.st_dev, entry.st.st_ino)
+            if key in first_of:
+                plan.links.append((entry, first_of[key]))
+            else:
+                first_of[key] = entry.rel
+                plan.files.append(entry)
+        elif entry.is_file:
+            plan.files.append(entry)
+        else:
+            plan.others.append(entry)
+    plan.files.sort(key=lambda e: e.st.st_ino)  # roughly the on-disk order: fewer seeks
+    return plan

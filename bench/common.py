@@ -1,0 +1,43 @@
+"""Shared pieces of the benchmarks: links (direct or through a delaying proxy), process
+metrics, and dropping caches between cold runs."""
+
+import contextlib
+import os
+import re
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from tests.support.nginx import Nginx  # noqa: E402
+from tests.support.proxy import DelayProxy  # noqa: E402
+
+LINK_HELP = "comma-separated links: `direct` (nginx on loopback) or RTT_MS[@MBIT] (a proxy)"
+
+
+@contextlib.contextmanager
+def link_url(nginx: Nginx, link: str) -> Iterator[str]:
+    """The store URL as seen through `link`: `direct`, or `RTT_MS[@MBIT]` via DelayProxy."""
+    if link == "direct":
+        yield nginx.url
+        return
+    rtt, _, rate = link.partition("@")
+    with DelayProxy(nginx.port, rtt_ms=float(rtt), rate_mbit=float(rate) if rate else None) as p:
+        yield p.url
+
+
+def peak_rss_mib(pid: int) -> float:
+    m = re.search(r"VmHWM:\s+(\d+) kB", Path(f"/proc/{pid}/status").read_text())
+    return int(m.group(1)) / 1024 if m else float("nan")
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def drop_caches() -> None:
+    subprocess.run(["sync"], check=True, timeout=120)
+    Path("/proc/sys/vm/drop_caches").write_text("3")
