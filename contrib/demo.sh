@@ -12,7 +12,7 @@ work=$(mktemp -d /tmp/backupfs-demo.XXXXXX)
 nginx_pid=""
 cleanup() {
     set +e
-    mountpoint -q "$work/restore" && umount "$work/restore"
+    backupfs detach "$work/restore" >/dev/null 2>&1
     mountpoint -q "$work/backups" && backupfs umount "$work/backups"
     [ -n "$nginx_pid" ] && kill "$nginx_pid" && wait "$nginx_pid" 2>/dev/null
     rm -rf "$work"
@@ -49,23 +49,20 @@ step "backupfs ls $url"
 backupfs ls "$url"
 
 step "backupfs mount $url $work/backups"
-mkdir "$work/backups" "$work/restore"
+mkdir "$work/backups"
 backupfs mount "$url" "$work/backups"
 ls -l "$work/backups/web01/2026-11-20T0300Z/"
 
-step "Opening the snapshot's filesystem read-only (loop device, no journal replay)"
-mount -o ro,loop,noload,nosuid,nodev,noexec \
-    "$work/backups/web01/2026-11-20T0300Z/disk0.img" "$work/restore"
-grep -rn 'listen 443' "$work/restore/etc/nginx"
+step "backupfs attach …/disk0.img $work/restore"
+backupfs attach "$work/backups/web01/2026-11-20T0300Z/disk0.img" "$work/restore"
+grep -rn 'listen 443' "$work/restore/p0/etc/nginx"
 
-step "Restoring var/www/html and verifying it against the original"
-mkdir "$work/restored"
-cp -a "$work/restore/var/www/html/." "$work/restored/"
-sync -f "$work/restored"
+step "backupfs restore …/p0/var/www/html $work/restored"
+backupfs restore "$work/restore/p0/var/www/html" "$work/restored"
 (cd "$src/var/www/html" && sha256sum -- *) > "$work/expected.sha256"
 (cd "$work/restored" && sha256sum -c "$work/expected.sha256")
 
-step "Cleaning up"
-umount "$work/restore"
+step "Cleaning up: backupfs detach, backupfs umount"
+backupfs detach "$work/restore"
 backupfs umount "$work/backups"
 echo "demo OK: the restored files match the originals byte for byte"
