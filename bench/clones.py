@@ -106,8 +106,8 @@ def main() -> None:
 
     store = Path(args.work) / "tree-store"
     tree_bytes = make_store(store, Path(args.source))
-    configs = [(1, 1, False), (2, 1, False), (2, 2, False), (4, 1, False), (4, 4, False),
-               (4, 4, True)]  # fmt: skip
+    configs = [(1, 1, False), (2, 1, False), (2, 2, False), (4, 1, False), (4, 2, False),
+               (4, 4, False), (4, 4, True)]  # fmt: skip
     rows = []
     with Nginx(store, Path(args.work) / "tree-nginx") as nginx:
         for link in args.links.split(","):
