@@ -195,3 +195,53 @@ def test_flush_says_how(tmp_path: Path) -> None:
     missing = run_cli("flush", str(tmp_path / "nope"))
     assert missing.returncode == 1
     assert missing.stderr == f"backupfs: {tmp_path / 'nope'}: no such file or directory\n"
+
+
+def test_a_bad_block_in_the_backup_fails_one_file_only(tmp_path: Path) -> None:
+    """One corrupted byte in the store: its block fails verification (EIO) through the
+    mount, the loop device and ext4; restore reports that file and restores the rest."""
+    from backupfs.indexer import index_store
+    from tests.support.mounting import mounted
+    from tests.support.nginx import Nginx
+
+    tree, store = tmp_path / "tree", tmp_path / "store"
+    tree.mkdir()
+    sums = {}
+    for name in ("a.bin", "bad.bin", "c.bin"):
+        data = os.urandom(4 * MiB)
+        (tree / name).write_bytes(data)
+        sums[name] = hashlib.sha256(data).hexdigest()
+    image = store / "h" / "2026-01-01" / "disk.img"
+    image.parent.mkdir(parents=True)
+    subprocess.run(["mkfs.ext4", "-q", "-b", "4096", "-d", str(tree), str(image), "64M"],
+                   check=True)  # fmt: skip
+    index_store(store, say=lambda _: None)
+    out = subprocess.run(["debugfs", "-R", "bmap /bad.bin 512", str(image)],
+                         capture_output=True, text=True, check=True).stdout  # fmt: skip
+    offset = int(out.split()[-1]) * 4096  # 2 MiB into bad.bin: no other file near it
+    st = image.stat()
+    with open(image, "r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)
+        f.seek(offset)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    os.utime(image, ns=(st.st_atime_ns, st.st_mtime_ns))  # same ETag: only the digest differs
+    mnt, target, dest = tmp_path / "mnt", tmp_path / "attached", tmp_path / "restored"
+    mnt.mkdir()
+    env = {**os.environ, "BACKUPFS_RUN_DIR": str(tmp_path / "run")}
+    with Nginx(store, tmp_path / "nginx") as nginx, mounted(nginx.url, mnt):
+        result = run_cli("attach", str(mnt / "h/2026-01-01/disk.img"), str(target), env=env)
+        assert result.returncode == 0, result.stderr
+        try:
+            result = _restore(str(target / "p0"), str(dest), env=env)
+        finally:
+            assert run_cli("detach", str(target), env=env).returncode == 0
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [
+        "backupfs: failed: bad.bin: Input/output error",
+        "backupfs: 1 files failed, the rest was restored",
+    ]
+    restored = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in dest.iterdir()
+                if p.name != "lost+found" and not p.name.startswith(".backupfs")}  # fmt: skip
+    assert restored == {"a.bin": sums["a.bin"], "c.bin": sums["c.bin"]}
+    assert not list(dest.glob(".backupfs-tmp*"))
