@@ -98,12 +98,31 @@ def _restore(*args: str, env: dict[str, str] | None = None) -> subprocess.Comple
     return run_cli("restore", *args, env=env or {**os.environ})
 
 
+def _sectors_read(env: dict[str, str]) -> dict[str, int]:
+    """Sectors read so far from each loop device of the attachment."""
+    import json
+
+    [att] = json.loads(run_cli("status", "--json", env=env).stdout)
+    return {
+        loop["device"]: int(
+            Path(f"/sys/block/{Path(loop['device']).name}/stat").read_text().split()[2]
+        )
+        for loop in att["loops"]
+    }
+
+
 def test_metadata_round_trip(attached_tree: tuple[Path, dict], tmp_path: Path) -> None:
     source, before = attached_tree
     dest = tmp_path / "restored"
     env = {**os.environ, "BACKUPFS_RUN_DIR": str(tmp_path / "run")}
+    subprocess.run(["sync"], check=True)
+    Path("/proc/sys/vm/drop_caches").write_text("3")  # so the copy reads the loop devices
+    sectors_before = _sectors_read(env)
     result = _restore(str(source), str(dest), env=env)
     assert result.returncode == 0, result.stderr
+    sectors_after = _sectors_read(env)
+    assert len(sectors_after) == 2
+    assert all(sectors_after[d] > sectors_before[d] for d in sectors_after), "a clone sat idle"
     assert result.stdout.splitlines()[-1].startswith(f"flushed {tmp_path}")
     assert "syncfs in" in result.stdout
     after = listing(dest)
