@@ -5,6 +5,7 @@
 """
 
 import contextlib
+import json
 import logging
 import logging.handlers
 import os
@@ -91,7 +92,7 @@ async def serve(
                 pyfuse3.close(unmount=False)
                 raise
             pyfuse3.close(unmount=not unmounted)
-            log.info("unmounted %s", mountpoint)
+            log.info("unmounted %s; %s", mountpoint, json.dumps(stats.snapshot()))
             nursery.cancel_scope.cancel()
 
 
