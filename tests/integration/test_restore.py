@@ -1,6 +1,7 @@
 """`backupfs restore` and `backupfs flush` on real filesystems."""
 
 import hashlib
+import json
 import os
 import signal
 import stat
@@ -100,8 +101,6 @@ def _restore(*args: str, env: dict[str, str] | None = None) -> subprocess.Comple
 
 def _sectors_read(env: dict[str, str]) -> dict[str, int]:
     """Sectors read so far from each loop device of the attachment."""
-    import json
-
     [att] = json.loads(run_cli("status", "--json", env=env).stdout)
     return {
         loop["device"]: int(
@@ -200,6 +199,11 @@ def test_full_disk_reports_failures_and_leaves_no_partial_files(tmp_path: Path) 
                     for p in (small / "dest").iterdir() if not p.name.startswith(".")}  # fmt: skip
         assert restored and all(sums[name] == digest for name, digest in restored.items())
         assert len(restored) + len(failed) == 12
+        summary = json.loads(result.stdout)
+        assert summary["ok"] is False and summary["files"] == len(restored)
+        assert sorted(f["path"] for f in summary["failed"]) == sorted(
+            line.split(": ")[2] for line in failed
+        )
         assert not [p for p in (small / "dest").iterdir() if p.name.startswith(".backupfs-tmp")]
     finally:
         subprocess.run(["umount", str(small)], check=True)
