@@ -121,11 +121,10 @@ def cmd_attach(args: argparse.Namespace) -> int:
 def cmd_detach(args: argparse.Namespace) -> int:
     from backupfs import attach
 
-    status = 0
-    for target in args.targets:
+    for target in args.targets:  # idempotent: nothing attached is not an error
         if not attach.detach(target):
             print(f"backupfs: nothing attached at {target}", file=sys.stderr)
-    return status
+    return 0
 
 
 def cmd_status(args: argparse.Namespace) -> int:
