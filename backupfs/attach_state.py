@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from backupfs.atomicfile import write_atomic
 from backupfs.errors import UserError
 
 RUN_DIR_ENV = "BACKUPFS_RUN_DIR"
@@ -79,12 +80,7 @@ def state_path(target: str) -> Path:
 def save(att: Attachment) -> None:
     path = state_path(att.target)
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(asdict(att), f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(asdict(att), indent=1).encode())
 
 
 def _from_dict(doc: dict[str, Any]) -> Attachment:

@@ -51,9 +51,7 @@ def check_range_headers(
     Returns the reply's validator; raises if it differs from `pinned` (the image changed).
     """
     got = parse_content_range(headers.get("content-range", ""))
-    if got != (start, end, total) and got[:2] == (start, end) and got[2] is None:
-        got = (start, end, total)
-    if got != (start, end, total):
+    if got[:2] != (start, end) or got[2] not in (total, None):  # None: total given as "*"
         raise FetchError(
             f"Content-Range {got} does not match the request ({start}, {end}, {total})",
             transient=True,

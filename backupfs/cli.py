@@ -32,12 +32,8 @@ def cmd_index(args: argparse.Namespace) -> int:
 
 
 async def _fetch_catalogue(url: str, opts: MountOptions) -> Catalogue:
-    async with make_client(opts, read_token(_path(opts.token_file))) as client:
+    async with make_client(opts, read_token(opts.token_file)) as client:
         return await load_catalogue(StoreClient(client, url, opts, Stats()))
-
-
-def _path(p: Path | None) -> str | None:
-    return None if p is None else str(p)
 
 
 def _human(n: int) -> str:
@@ -81,7 +77,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
 
     url = check_base_url(args.url)
     opts = parse_options(args.o)
-    token = read_token(_path(opts.token_file))
+    token = read_token(opts.token_file)
     mountpoint = daemon.check_mountpoint(args.mountpoint)
     if args.foreground:
         daemon.run_foreground(url, mountpoint, opts, token)

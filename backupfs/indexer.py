@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from backupfs import manifest
+from backupfs.atomicfile import write_atomic
 from backupfs.errors import ManifestError, UserError
 from backupfs.manifest import Catalogue, DiskEntry, SnapshotEntry
 
@@ -34,15 +35,6 @@ def snapshot_time_ns(name: str, fallback_ns: int) -> int:
     except ValueError:  # 2026-02-31 and the like
         return fallback_ns
     return int(when.timestamp()) * 1_000_000_000
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def hash_image(path: Path, block_size: int) -> bytes:

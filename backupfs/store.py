@@ -7,6 +7,7 @@ import trio
 
 from backupfs import manifest
 from backupfs.errors import ManifestError, UserError
+from backupfs.ranges import block_count
 from backupfs.remote import Image, StoreClient
 from backupfs.tree import Tree, build_tree
 
@@ -36,8 +37,7 @@ async def open_store(store: StoreClient, block_size: int) -> Tree:
 def _parse_digests(data: bytes, image: Image) -> list[bytes]:
     if hashlib.sha256(data).hexdigest() != image.digests_sha256:
         raise ManifestError(f"digest file of {image.url} does not match the catalogue")
-    count = -(-image.size_bytes // image.digest_block_size)
-    if len(data) != count * manifest.DIGEST_SIZE:
+    if len(data) != block_count(image.digest_block_size, image.size_bytes) * manifest.DIGEST_SIZE:
         raise ManifestError(f"digest file of {image.url} has the wrong size")
     size = manifest.DIGEST_SIZE
     return [data[i : i + size] for i in range(0, len(data), size)]
