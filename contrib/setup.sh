@@ -4,7 +4,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 packages=(fuse3 libfuse3-dev pkg-config gcc nginx-light curl util-linux e2fsprogs
-          xfsprogs dosfstools mtools btrfs-progs fdisk gdisk acl attr)
+          xfsprogs dosfstools mtools btrfs-progs fdisk gdisk acl attr systemd openssl)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -20,3 +20,8 @@ python3 -m pip install -q --disable-pip-version-check -e ".[test]" 2>&1 \
         -e "^\[notice\]" || true
 python3 -c "import backupfs.cli, pyfuse3, trio, httpx, cachetools" \
     || { echo "setup: Python dependencies did not install" >&2; exit 1; }
+# mount.fuse3 (mount -t fuse.backupfs, fstab, systemd) runs `backupfs` from the standard PATH.
+script=$(python3 -c 'import sysconfig; print(sysconfig.get_path("scripts"))')/backupfs
+if [[ "$script" != /usr/local/bin/backupfs && "$script" != /usr/bin/backupfs ]]; then
+    ln -sfn "$script" /usr/local/bin/backupfs
+fi
