@@ -12,6 +12,7 @@ import os
 import select
 import signal
 import socket
+import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
@@ -19,7 +20,7 @@ import pyfuse3
 import trio
 import trio.lowlevel
 
-from backupfs import tuning
+from backupfs import control, tuning
 from backupfs.blocks import BlockReader
 from backupfs.cache import BlockCache
 from backupfs.errors import UserError, user_error_in
@@ -76,7 +77,15 @@ async def serve(
             tree = await open_store(store, opts.block_size)
             cache = BlockCache(opts.lru_bytes, stats)
             reader = BlockReader(store, cache, nursery, opts.request_size, stats)
-            ops = BackupFsOps(tree, reader, store, readahead, opts.allow_other)
+            view = control.MountView(
+                store_url=redact(url),
+                stats=stats,
+                cache=cache,
+                cache_max_bytes=opts.lru_bytes,
+                readahead_max_bytes=opts.readahead,
+                started_s=time.monotonic(),
+            )
+            ops = BackupFsOps(tree, reader, store, readahead, opts.allow_other, view)
             pyfuse3.init(ops, mountpoint, fuse_mount_options(url, opts))
             unmounted = False
             try:

@@ -1,0 +1,58 @@
+"""The hidden control directory `MNT/.backupfs/`: read-only files rendered on open.
+
+It is absent from directory listings (so `ls`, `find` and `rsync` of the mount never see
+it) but answers a lookup by name. Its inodes sit far above the tree's, which count up
+from 1. Pure data: the FUSE adapter serves what this module renders.
+"""
+
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from backupfs.cache import BlockCache
+from backupfs.readahead import StreamTracker
+from backupfs.stats import Stats
+
+CONTROL_DIR = ".backupfs"
+CONTROL_DIR_INODE = 1 << 62
+STATS_INODE = CONTROL_DIR_INODE + 1
+FILES = {"stats": STATS_INODE}
+
+
+@dataclass
+class MountView:
+    """What the stats file reports about one mount, besides its counters."""
+
+    store_url: str  # redacted: no credentials
+    stats: Stats
+    cache: BlockCache
+    cache_max_bytes: int
+    readahead_max_bytes: int
+    started_s: float
+
+
+def is_control(inode: int) -> bool:
+    return inode >= CONTROL_DIR_INODE
+
+
+def stats_document(
+    view: MountView, trackers: Iterable[StreamTracker], now_s: float
+) -> dict[str, object]:
+    """`trackers`: those of the open file handles, for their current readahead windows."""
+    windows = sorted((s.window for t in trackers for s in t.streams if s.window), reverse=True)
+    return {
+        "store": view.store_url,
+        "uptime_s": round(now_s - view.started_s, 1),
+        **view.stats.snapshot(),
+        "blocks_in_cache": len(view.cache),
+        "cache_bytes": view.cache.bytes_used,
+        "cache_max_bytes": view.cache_max_bytes,
+        "readahead_windows": windows,
+        "readahead_max_bytes": view.readahead_max_bytes,
+    }
+
+
+def render(inode: int, view: MountView, trackers: Iterable[StreamTracker], now_s: float) -> bytes:
+    if inode == STATS_INODE:
+        return (json.dumps(stats_document(view, trackers, now_s), indent=1) + "\n").encode()
+    raise KeyError(inode)
