@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any, cast
 
 import trio
 
@@ -179,6 +180,45 @@ def cmd_flush(args: argparse.Namespace) -> int:
     return 0 if all(r.error is None for r in results) else 1
 
 
+def _ms(value: object) -> str:
+    return "-" if value is None else f"{value} ms"
+
+
+def _stats_lines(doc: dict[str, Any]) -> list[str]:
+    hits, misses = doc["cache_hits"], doc["cache_misses"]
+    rate = f" ({100 * hits / (hits + misses):.1f}% hits)" if hits + misses else ""
+    windows = ", ".join(_human(w) for w in doc["readahead_windows"]) or "none open"
+    return [
+        f"store            {doc['store']}",
+        f"served           {_human(doc['bytes_served'])}",
+        f"fetched          {_human(doc['bytes_fetched'])} in {doc['requests']} requests"
+        f" ({doc['requests_in_flight']} in flight, {doc['retries']} retries)",
+        f"cache            {hits} hits, {misses} misses{rate}; {doc['blocks_in_cache']} blocks,"
+        f" {_human(doc['cache_bytes'])} of {_human(doc['cache_max_bytes'])}",
+        f"fetch latency    p50 {_ms(doc['fetch_p50_ms'])}, p99 {_ms(doc['fetch_p99_ms'])}",
+        f"readahead        windows {windows} (max {_human(doc['readahead_max_bytes'])})",
+        f"errors           {doc['verify_failures']} verification failures,"
+        f" {doc['read_errors']} failed fetches",
+    ]
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    from backupfs.control import CONTROL_DIR
+
+    path = Path(args.mountpoint) / CONTROL_DIR / "stats"
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise UserError(f"{args.mountpoint} is not a backupfs mount") from None
+    except OSError as exc:
+        raise UserError(f"cannot read {path}: {exc.strerror}") from None
+    if args.json:
+        sys.stdout.write(text)
+    else:
+        print("\n".join(_stats_lines(json.loads(text))))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="backupfs", description="Browse and restore files from disk-image backups over HTTP."
@@ -271,11 +311,26 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("umount", help="unmount a backupfs mount")
     p.add_argument("mountpoint", metavar="MOUNTPOINT")
     p.set_defaults(func=cmd_umount)
+
+    p = sub.add_parser("stats", help="show a mount's counters (MOUNTPOINT/.backupfs/stats)")
+    p.add_argument("mountpoint", metavar="MOUNTPOINT")
+    p.add_argument("--json", action="store_true", help="the raw JSON document")
+    p.set_defaults(func=cmd_stats)
     return parser
 
 
+def _as_mount_helper(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
+    """`backupfs SOURCE DIR -o OPTS`, as mount.fuse3 runs it, means `backupfs mount ...`."""
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    commands = cast(dict[str, argparse.ArgumentParser], sub.choices)
+    if argv and not argv[0].startswith("-") and argv[0] not in commands:
+        return ["mount", *argv]
+    return argv
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(_as_mount_helper(parser, sys.argv[1:] if argv is None else argv))
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.WARNING, format="backupfs: %(message)s")
     try:

@@ -110,7 +110,8 @@ def daemon_pids(mountpoint: Path) -> list[int]:
         if entry.isdigit() and int(entry) != os.getpid():
             with contextlib.suppress(OSError):
                 argv = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
-                if b"backupfs" in argv and b"mount" in argv and target in argv:
+                runs_backupfs = any(a.endswith(b"backupfs") for a in argv[:3])
+                if runs_backupfs and target in argv:
                     pids.append(int(entry))
     return pids
 
