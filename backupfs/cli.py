@@ -13,11 +13,12 @@ from typing import Any, cast
 import trio
 
 from backupfs import __version__
+from backupfs.credentials import Credentials, load_credentials
 from backupfs.errors import UserError
 from backupfs.indexer import DEFAULT_BLOCK_SIZE, index_store
 from backupfs.manifest import Catalogue
 from backupfs.options import MountOptions, parse_options, parse_size
-from backupfs.remote import StoreClient, check_base_url, make_client, read_token
+from backupfs.remote import StoreClient, check_base_url, make_client
 from backupfs.stats import Stats
 from backupfs.store import load_catalogue
 
@@ -32,8 +33,8 @@ def cmd_index(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _fetch_catalogue(url: str, opts: MountOptions) -> Catalogue:
-    async with make_client(opts, read_token(opts.token_file)) as client:
+async def _fetch_catalogue(url: str, opts: MountOptions, creds: Credentials) -> Catalogue:
+    async with make_client(opts, creds) as client:
         return await load_catalogue(StoreClient(client, url, opts, Stats()))
 
 
@@ -48,7 +49,11 @@ def _human(n: int) -> str:
 
 def cmd_ls(args: argparse.Namespace) -> int:
     url = check_base_url(args.url)
-    catalogue = trio.run(_fetch_catalogue, url, parse_options(args.o))
+    opts = parse_options(args.o)
+    creds = load_credentials(opts, url)
+    for warning in creds.warnings:
+        print(f"backupfs: warning: {warning}", file=sys.stderr)
+    catalogue = trio.run(_fetch_catalogue, url, opts, creds)
     rows: list[dict[str, str | int]] = [
         {
             "host": s.host,
@@ -78,13 +83,15 @@ def cmd_mount(args: argparse.Namespace) -> int:
 
     url = check_base_url(args.url)
     opts = parse_options(args.o)
-    token = read_token(opts.token_file)
+    creds = load_credentials(opts, url)  # before the daemon forks and leaves the cwd
     mountpoint = daemon.check_mountpoint(args.mountpoint)
+    for warning in creds.warnings:
+        print(f"backupfs: warning: {warning}", file=sys.stderr, flush=True)
     if args.foreground:
-        daemon.run_foreground(url, mountpoint, opts, token)
+        daemon.run_foreground(url, mountpoint, opts, creds)
     else:
         wait_s = opts.timeout * (opts.retries + 1) * 2 + 30
-        daemon.run_background(url, mountpoint, opts, token, wait_s)
+        daemon.run_background(url, mountpoint, opts, creds, wait_s)
     return 0
 
 

@@ -23,6 +23,7 @@ import trio.lowlevel
 from backupfs import control, tuning
 from backupfs.blocks import BlockReader
 from backupfs.cache import BlockCache
+from backupfs.credentials import Credentials
 from backupfs.errors import UserError, user_error_in
 from backupfs.fuse_ops import BackupFsOps
 from backupfs.mounts import is_mount_point
@@ -65,14 +66,14 @@ async def _when_initialized(ops: BackupFsOps, mountpoint: str, ready: Callable[[
 
 
 async def serve(
-    url: str, mountpoint: str, opts: MountOptions, token: str | None, ready: Callable[[], None]
+    url: str, mountpoint: str, opts: MountOptions, creds: Credentials, ready: Callable[[], None]
 ) -> None:
     tuning.mark_io_flusher()
     stats = Stats()
     readahead = ReadaheadConfig(max_bytes=opts.readahead)
     # Receive signals from the start, so that one sent right after "ready" is not lost.
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-        async with make_client(opts, token) as client, trio.open_nursery() as nursery:
+        async with make_client(opts, creds) as client, trio.open_nursery() as nursery:
             store = StoreClient(client, url, opts, stats)
             tree = await open_store(store, opts.block_size)
             cache = BlockCache(opts.lru_bytes, stats)
@@ -107,6 +108,7 @@ async def serve(
 
 def setup_logging(opts: MountOptions, foreground: bool) -> None:
     root = logging.getLogger()
+    root.handlers.clear()  # the CLI's stderr handler: the daemon logs as set up here
     root.setLevel(logging.DEBUG if opts.debug else logging.INFO)
     logging.getLogger("httpx").setLevel(logging.DEBUG if opts.debug else logging.WARNING)
     logging.getLogger("httpcore").setLevel(logging.WARNING)
@@ -127,15 +129,18 @@ def setup_logging(opts: MountOptions, foreground: bool) -> None:
 
 
 def _run(
-    url: str, mountpoint: str, opts: MountOptions, token: str | None, ready: Callable[[], None]
+    url: str, mountpoint: str, opts: MountOptions, creds: Credentials, ready: Callable[[], None]
 ) -> None:
-    trio.run(serve, url, mountpoint, opts, token, ready)
+    trio.run(serve, url, mountpoint, opts, creds, ready)
 
 
-def run_foreground(url: str, mountpoint: str, opts: MountOptions, token: str | None) -> None:
+def run_foreground(url: str, mountpoint: str, opts: MountOptions, creds: Credentials) -> None:
     setup_logging(opts, foreground=True)
+    if opts.log_file is not None:  # else the log is stderr, where the CLI printed them
+        for warning in creds.warnings:
+            log.warning("%s", warning)
     try:
-        _run(url, mountpoint, opts, token, _notify_systemd)
+        _run(url, mountpoint, opts, creds, _notify_systemd)
     except BaseExceptionGroup as group:
         user_error = user_error_in(group)
         if user_error is None:
@@ -155,7 +160,7 @@ def _notify_systemd() -> None:
 
 
 def run_background(
-    url: str, mountpoint: str, opts: MountOptions, token: str | None, wait_s: float
+    url: str, mountpoint: str, opts: MountOptions, creds: Credentials, wait_s: float
 ) -> None:
     """Fork a daemon and return once it reports the mount ready; raise UserError otherwise."""
     read_fd, write_fd = os.pipe()
@@ -168,13 +173,15 @@ def run_background(
         for fd in (0, 1, 2):
             os.dup2(null, fd)
         setup_logging(opts, foreground=False)
+        for warning in creds.warnings:  # the CLI printed them on stderr
+            log.warning("%s", warning)
         status = 0
 
         def ready() -> None:
             os.write(write_fd, _READY)
 
         try:
-            _run(url, mountpoint, opts, token, ready)
+            _run(url, mountpoint, opts, creds, ready)
         except BaseException as exc:
             user_error = user_error_in(exc)
             message = str(user_error) if user_error else f"mount failed: {exc!r}"

@@ -17,7 +17,7 @@ GENERIC_OPTIONS = frozenset(
 )  # fmt: skip
 _SIZE = re.compile(r"(\d+)([KMGT]?)(i?B)?", re.IGNORECASE)
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-_FLAGS = ("allow_other", "debug")
+_FLAGS = ("allow_other", "debug", "insecure")
 _SIZES = ("cache_size", "block_size", "readahead", "request_size")
 
 
@@ -31,6 +31,11 @@ class MountOptions:
     timeout: float = 30.0  # seconds for one whole HTTP attempt
     retries: int = 4  # further attempts after a transient failure
     token_file: Path | None = None  # bearer token, read once at mount time
+    netrc: Path | None = None  # HTTP basic auth from the entry for the store's host
+    cert: Path | None = None  # client certificate (PEM), with its key unless key= is given
+    key: Path | None = None  # the client certificate's private key (PEM)
+    cafile: Path | None = None  # CA bundle (PEM) to verify the server with, not the system's
+    insecure: bool = False  # no TLS verification at all
     allow_other: bool = False  # let other users read (files become 0444)
     debug: bool = False  # per-request log lines
     log_file: Path | None = None  # log here instead of syslog when daemonized
@@ -96,6 +101,12 @@ def parse_options(option_strings: list[str]) -> MountOptions:
             raise UserError(f"mount option '{key}' {want}")
         values[key] = _parse_value(key, value)
     opts = replace(MountOptions(), **values)  # type: ignore[arg-type]
+    if opts.token_file is not None and opts.netrc is not None:
+        raise UserError("mount options token_file= and netrc= exclude each other")
+    if opts.cafile is not None and opts.insecure:
+        raise UserError("mount options cafile= and insecure exclude each other")
+    if opts.key is not None and opts.cert is None:
+        raise UserError("mount option key= needs cert=")
     # A small cache shrinks the defaults with it; explicit values must fit.
     if "request_size" not in values:
         per_connection = opts.cache_size // 4 // opts.connections

@@ -6,9 +6,9 @@ waiting for a connection happens here, in FIFO order, and never inside httpx.
 
 import logging
 import random
+import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TypeVar
 from urllib.parse import quote, urlsplit, urlunsplit
 
@@ -17,6 +17,7 @@ import httpx
 import trio
 
 from backupfs import checks
+from backupfs.credentials import Credentials
 from backupfs.errors import FetchError, StoreError, UserError
 from backupfs.options import MountOptions
 from backupfs.stats import Stats
@@ -47,33 +48,19 @@ def redact(url: str) -> str:
     return urlunsplit((parts.scheme, host, parts.path, "", ""))
 
 
-def read_token(path: Path | None) -> str | None:
-    if path is None:
-        return None
-    try:
-        with open(path, encoding="utf-8") as f:
-            token = f.read().strip()
-    except OSError as exc:
-        raise UserError(f"cannot read token_file {path}: {exc.strerror}") from None
-    if not token or any(c.isspace() for c in token):
-        raise UserError(f"token_file {path}: expected one token on one line")
-    return token
-
-
 # httpcore receives at most 64 KiB per socket read; bodies here are megabytes, and larger
 # reads halve the CPU spent per byte (measured: 250 -> 470+ MB/s on loopback).
 _SOCKET_READ_BYTES = 1 << 20
 
 
-def make_client(opts: MountOptions, token: str | None) -> httpx.AsyncClient:
+def make_client(opts: MountOptions, creds: Credentials) -> httpx.AsyncClient:
     http11 = httpcore.AsyncHTTP11Connection
     if getattr(http11, "READ_NUM_BYTES", 0) < _SOCKET_READ_BYTES:
         http11.READ_NUM_BYTES = _SOCKET_READ_BYTES
-    headers = {"Accept-Encoding": "identity", "User-Agent": "backupfs"}
-    if token is not None:
-        headers["Authorization"] = f"Bearer {token}"
+    headers = {"Accept-Encoding": "identity", "User-Agent": "backupfs", **creds.headers()}
     return httpx.AsyncClient(
         headers=headers,
+        verify=creds.ssl_context,
         limits=httpx.Limits(
             max_connections=opts.connections, max_keepalive_connections=opts.connections
         ),
@@ -98,11 +85,45 @@ class Image:
     load_lock: trio.Lock = field(default_factory=trio.Lock)
 
 
-def _describe(exc: httpx.HTTPError) -> str:
-    text = str(exc) or type(exc).__name__
-    if "CERTIFICATE_VERIFY_FAILED" in text:
-        return "TLS certificate verification failed"
-    return text.splitlines()[0]
+_NAME_MISMATCH = (62, 64)  # X509_V_ERR_HOSTNAME_MISMATCH, X509_V_ERR_IP_ADDRESS_MISMATCH
+
+
+def _certificate_failure(exc: BaseException) -> ssl.SSLCertVerificationError | None:
+    """The failed server certificate check behind an httpx error, if that is what it is."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, ssl.SSLCertVerificationError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def _http_error(exc: httpx.HTTPError) -> FetchError:
+    """A transient FetchError, unless the server's certificate failed verification: retrying
+    cannot fix that."""
+    cert_error = _certificate_failure(exc)
+    if cert_error is None:
+        return FetchError((str(exc) or type(exc).__name__).splitlines()[0], transient=True)
+    reason = (cert_error.verify_message or "").rstrip(".")
+    detail = f": {reason}" if reason else ""
+    if cert_error.verify_code in _NAME_MISMATCH:
+        hint = "use the host name or address the certificate names"
+    else:
+        hint = "use -o cafile= for a private CA"
+    return FetchError(f"TLS certificate verification failed{detail} ({hint})", transient=False)
+
+
+def _status_hint(status: int, www_authenticate: str, url: str) -> str:
+    """What to check when a metadata GET is refused."""
+    if status == 401 and www_authenticate.lower().startswith("basic"):
+        return " (check -o netrc=)"
+    if status in (401, 403):
+        return " (check -o token_file=)"
+    if status == 404:
+        return " (is this a backupfs store? run `backupfs index` on it)"
+    if status == 400 and url.startswith("https:"):
+        return " (does the server want a client certificate? -o cert=,key=)"
+    return ""
 
 
 class StoreClient:
@@ -148,7 +169,7 @@ class StoreClient:
                 message = f"timed out after {self.opts.timeout:g}s"
                 raise FetchError(message, transient=True) from None
             except httpx.HTTPError as exc:
-                raise FetchError(_describe(exc), transient=True) from None
+                raise _http_error(exc) from None
             finally:
                 self.stats.requests_in_flight -= 1
                 self.stats.record_fetch(trio.current_time() - start)
@@ -160,10 +181,10 @@ class StoreClient:
             if headers.get("Range"):
                 checks.check_status(resp.status_code, redact(url))
             elif resp.status_code != 200:
-                transient = resp.status_code >= 500 or resp.status_code == 429
-                raise FetchError(
-                    f"HTTP {resp.status_code}", transient=transient, status=resp.status_code
-                )
+                status = resp.status_code
+                hint = _status_hint(status, resp.headers.get("WWW-Authenticate", ""), url)
+                transient = status >= 500 or status == 429
+                raise FetchError(f"HTTP {status}{hint}", transient=transient, status=status)
             received = 0
             async for chunk in resp.aiter_raw():
                 received += len(chunk)
@@ -184,13 +205,7 @@ class StoreClient:
         try:
             return await self.with_retries(attempt, redact(url))
         except FetchError as exc:
-            if exc.status in (401, 403):
-                hint = " (check -o token_file=)"
-            elif exc.status == 404:
-                hint = " (is this a backupfs store? run `backupfs index` on it)"
-            else:
-                hint = ""
-            raise StoreError(f"cannot read {redact(url)}: {exc}{hint}") from None
+            raise StoreError(f"cannot read {redact(url)}: {exc}") from None
 
     async def probe_range(self, image: Image) -> None:
         """One ranged GET of the image's first byte: the store must honour Range."""

@@ -66,6 +66,32 @@ def test_values_are_parsed_into_fields() -> None:
     )
 
 
+def test_credential_and_tls_options_are_paths() -> None:
+    opts = parse_options(["netrc=/etc/backupfs/netrc,cert=c.pem,key=./k.pem,cafile=/etc/ca.pem"])
+    assert (opts.netrc, opts.cert, opts.key, opts.cafile) == (
+        Path("/etc/backupfs/netrc"),
+        Path("c.pem"),
+        Path("k.pem"),
+        Path("/etc/ca.pem"),
+    )
+    assert not opts.insecure
+    assert parse_options(["insecure"]) == MountOptions(insecure=True)
+
+
+@pytest.mark.parametrize(
+    ("item", "message"),
+    [
+        ("token_file=/t,netrc=/n", "mount options token_file= and netrc= exclude each other"),
+        ("cafile=/ca.pem,insecure", "mount options cafile= and insecure exclude each other"),
+        ("key=/k.pem", "mount option key= needs cert="),
+    ],
+)
+def test_conflicting_credential_options(item: str, message: str) -> None:
+    with pytest.raises(UserError) as info:
+        parse_options([item])
+    assert str(info.value) == message
+
+
 def test_generic_options_are_ignored() -> None:
     generic = [
         "ro",
@@ -92,7 +118,7 @@ def test_unknown_option() -> None:
         parse_options(["bogus=1"])
 
 
-@pytest.mark.parametrize("item", ["allow_other=1", "debug=yes", "allow_other="])
+@pytest.mark.parametrize("item", ["allow_other=1", "debug=yes", "allow_other=", "insecure=no"])
 def test_flag_with_a_value_is_rejected(item: str) -> None:
     key = item.partition("=")[0]
     with pytest.raises(UserError) as info:
@@ -100,7 +126,20 @@ def test_flag_with_a_value_is_rejected(item: str) -> None:
     assert str(info.value) == f"mount option '{key}' takes no value"
 
 
-@pytest.mark.parametrize("key", ["cache_size", "timeout", "retries", "token_file", "readahead"])
+@pytest.mark.parametrize(
+    "key",
+    [
+        "cache_size",
+        "timeout",
+        "retries",
+        "token_file",
+        "readahead",
+        "netrc",
+        "cert",
+        "key",
+        "cafile",
+    ],
+)
 def test_missing_value_is_rejected(key: str) -> None:
     with pytest.raises(UserError) as info:
         parse_options([key])
