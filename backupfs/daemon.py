@@ -26,7 +26,7 @@ from backupfs.cache import BlockCache
 from backupfs.credentials import Credentials
 from backupfs.errors import UserError, user_error_in
 from backupfs.fuse_ops import BackupFsOps
-from backupfs.mounts import is_mount_point
+from backupfs.mounts import top_fstype
 from backupfs.options import MountOptions
 from backupfs.readahead import ReadaheadConfig
 from backupfs.remote import StoreClient, make_client, redact
@@ -209,7 +209,8 @@ def run_background(
 
 
 def check_mountpoint(path: str) -> str:
-    if is_mount_point(path):
+    # An autofs mount is systemd's automount trigger: mounting over it is the point.
+    if top_fstype(path) not in (None, "autofs"):
         raise UserError(f"mountpoint {path} is busy (something is already mounted there)")
     mnt = Path(path)
     if not mnt.exists():

@@ -35,10 +35,12 @@ def read_mounts(path: str = "/proc/self/mountinfo") -> list[MountEntry]:
     return entries
 
 
-def is_mount_point(path: str) -> bool:
-    """True also for a dead FUSE mount, where stat() fails with ENOTCONN."""
+def top_fstype(path: str) -> str | None:
+    """The type of the topmost mount at `path`, or None. Read from mountinfo, so a dead
+    FUSE mount (where stat() fails with ENOTCONN) counts too."""
     real = os.path.realpath(path)
-    return any(m.mount_point == real for m in read_mounts())
+    types = [m.fstype for m in read_mounts() if m.mount_point == real]
+    return types[-1] if types else None
 
 
 def read_mounts_dev(mount_point: str) -> str | None:
