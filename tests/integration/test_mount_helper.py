@@ -1,5 +1,6 @@
 """mount(8) -> mount.fuse3 -> `backupfs SOURCE DIR -o OPTS`, from the command line and fstab."""
 
+import os
 import subprocess
 import time
 from collections.abc import Iterator
@@ -18,12 +19,12 @@ def _mount(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def _fstype(mountpoint: Path) -> str:
+    """The type of the topmost mount at `mountpoint`."""
     with open("/proc/self/mountinfo") as f:
-        for line in f:
-            fields = line.split()
-            if fields[4] == str(mountpoint):
-                return fields[fields.index("-") + 1]
-    raise AssertionError(f"{mountpoint} is not mounted")
+        rows = [line.split() for line in f]
+    types = [r[r.index("-") + 1] for r in rows if r[4] == str(mountpoint)]
+    assert types, f"{mountpoint} is not mounted"
+    return types[-1]
 
 
 @pytest.fixture
@@ -62,8 +63,7 @@ def test_mount_t_fuse_backupfs_then_umount(store: Store, helper_mnt: Path) -> No
 def test_fstab_line_mounts(store: Store, helper_mnt: Path, tmp_path: Path) -> None:
     fstab = tmp_path / "fstab"
     options = (
-        "ro,noauto,nofail,x-systemd.automount,x-systemd.idle-timeout=10min,_netdev,"
-        "cache_size=64M"
+        "ro,noauto,nofail,x-systemd.automount,x-systemd.idle-timeout=10min,_netdev,cache_size=64M"
     )
     fstab.write_text(f"# test fstab\n{store.url} {helper_mnt} fuse.backupfs {options} 0 0\n")
     result = _mount("-T", str(fstab), str(helper_mnt))
@@ -90,3 +90,27 @@ def test_unreachable_store_fails_without_mounting(helper_mnt: Path) -> None:
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("backupfs: cannot read "), result.stderr
     assert not is_mounted(helper_mnt)
+
+
+def test_mounts_over_a_systemd_automount_trigger(store: Store, helper_mnt: Path) -> None:
+    """x-systemd.automount leaves an autofs mount at the mountpoint; mounting goes on top."""
+    read_end, write_end = os.pipe()
+    try:
+        options = f"fd={write_end},pgrp={os.getpgrp()},minproto=5,maxproto=5,direct"
+        autofs = subprocess.run(
+            ["mount", "-t", "autofs", "-o", options, "systemd-1", str(helper_mnt)],
+            pass_fds=(write_end,), capture_output=True, text=True,
+        )  # fmt: skip
+        assert autofs.returncode == 0, autofs.stderr
+        result = _mount("-t", "fuse.backupfs", store.url, str(helper_mnt), "-o", "ro")
+        assert result.returncode == 0, result.stderr
+        assert _fstype(helper_mnt) == "fuse.backupfs"
+        assert sha256_file(helper_mnt / DISK) == store.sha256[DISK]
+        assert subprocess.run(["umount", str(helper_mnt)]).returncode == 0
+        _wait_for_exit(helper_mnt)
+        assert _fstype(helper_mnt) == "autofs"
+    finally:
+        unmount(helper_mnt)
+        subprocess.run(["umount", str(helper_mnt)], capture_output=True)
+        os.close(read_end)
+        os.close(write_end)
