@@ -10,6 +10,7 @@ neither, and only `_start_fetches` moves it to pending.
 import logging
 
 import trio
+from cachetools import LRUCache
 
 from backupfs.cache import BlockCache
 from backupfs.errors import FetchError
@@ -39,6 +40,7 @@ class BlockReader:
         nursery: trio.Nursery,
         request_size: int,
         stats: Stats,
+        hinted_blocks: int = 1 << 16,
     ) -> None:
         self.store = store
         self.cache = cache
@@ -46,6 +48,14 @@ class BlockReader:
         self.request_size = request_size
         self.stats = stats
         self._pending: dict[BlockKey, _Pending] = {}
+        # Read plans: bytes of each planned block not yet served. A block is dropped from
+        # the cache once all its planned bytes were read (the kernel's page cache has them).
+        self._planned: dict[BlockKey, int] = {}
+        self.plan_consumed_bytes = 0
+        self.plan_consumed = trio.Event()  # replaced each time planned bytes are served
+        # Blocks a plan or `warm` asked for: reading them says nothing about what comes
+        # next, so it does not drive readahead. Bounded like a cache, as a set of keys.
+        self._hinted: LRUCache[BlockKey, None] = LRUCache(maxsize=hinted_blocks)
 
     async def read(self, image: Image, offset: int, size: int, tracker: StreamTracker) -> bytes:
         """Exactly `size` bytes at `offset`, fewer only at end of file; raises FetchError."""
@@ -55,7 +65,9 @@ class BlockReader:
             return b""
         blocks = [self.cache.get((image.image_id, n)) for n in needed]
         self._start_fetches(image, [n for n, b in zip(needed, blocks, strict=True) if b is None])
-        ahead = tracker.on_read(offset, size)
+        keys = [(image.image_id, n) for n in needed]
+        hinted = all(k in self._planned or k in self._hinted for k in keys)
+        ahead = None if hinted else tracker.on_read(offset, size)
         if ahead is not None:
             start, end = ahead
             self._start_fetches(image, block_range(start, end - start, bs, image.size_bytes))
@@ -64,7 +76,66 @@ class BlockReader:
                 blocks[i] = await self._wait(image, block_no)
         data = slice_blocks(blocks, needed[0], bs, offset, size)  # type: ignore[arg-type]
         self.stats.bytes_served += len(data)
+        if self._planned:
+            self._consume_planned(image, offset, offset + len(data))
         return data
+
+    def prefetch(self, image: Image, start: int, end: int) -> None:
+        """Fetch `[start, end)` into the cache for `backupfs warm`."""
+        block_nos = block_range(start, end - start, image.block_size, image.size_bytes)
+        for n in block_nos:
+            self._hinted[(image.image_id, n)] = None
+        self._start_fetches(image, block_nos)
+
+    def plan(self, image: Image, start: int, end: int) -> None:
+        """Prefetch `[start, end)` for a read plan; see `_consume_planned`."""
+        bs = image.block_size
+        block_nos = block_range(start, end - start, bs, image.size_bytes)
+        for n in block_nos:
+            lo, hi = block_span(n, bs, image.size_bytes)
+            key = (image.image_id, n)
+            self._planned[key] = self._planned.get(key, 0) + min(end, hi) - max(start, lo)
+        self.stats.plan_bytes += end - start
+        self._start_fetches(image, block_nos)
+
+    def _consume_planned(self, image: Image, start: int, end: int) -> None:
+        bs = image.block_size
+        served = 0
+        for n in block_range(start, end - start, bs, image.size_bytes):
+            key = (image.image_id, n)
+            left = self._planned.get(key)
+            if left is None:
+                continue
+            lo, hi = block_span(n, bs, image.size_bytes)
+            overlap = min(end, hi) - max(start, lo)
+            served += min(overlap, left)
+            if left <= overlap:
+                del self._planned[key]
+                self.cache.discard(key)
+            else:
+                self._planned[key] = left - overlap
+        if served:
+            self.plan_consumed_bytes += served
+            self.plan_consumed.set()
+            self.plan_consumed = trio.Event()
+
+    def forget_plan(self, image: Image) -> None:
+        """A plan ended (its client went away): its blocks age out of the cache normally."""
+        for key in [k for k in self._planned if k[0] == image.image_id]:
+            del self._planned[key]
+
+    async def fetched(self, image: Image, start: int, end: int) -> None:
+        """Return once `[start, end)` is in the cache (fetching what is not); FetchError."""
+        for n in block_range(start, end - start, image.block_size, image.size_bytes):
+            key = (image.image_id, n)
+            if key in self.cache:
+                continue
+            if key not in self._pending:
+                self._start_fetches(image, [n])
+            pending = self._pending[key]
+            await pending.done.wait()
+            if pending.error is not None:
+                raise pending.error
 
     def _start_fetches(self, image: Image, block_nos: range | list[int]) -> None:
         todo = [

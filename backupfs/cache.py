@@ -23,6 +23,9 @@ class BlockCache:
     def __contains__(self, key: Hashable) -> bool:
         return key in self._lru
 
+    def discard(self, key: Hashable) -> None:
+        self._lru.pop(key, None)
+
     def put(self, key: Hashable, block: bytes) -> None:
         if len(block) <= self._lru.maxsize:
             self._lru[key] = block

@@ -156,6 +156,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
         flush=not args.no_flush,
         existing=existing,
         progress=sys.stderr.isatty() and not args.json,
+        read_plan=not args.no_plan,
     )
     out = restore(args.sources, args.dest, opts)
     if args.json:
@@ -173,6 +174,39 @@ def cmd_restore(args: argparse.Namespace) -> int:
     if out.failed:
         print(f"backupfs: {len(out.failed)} files failed, the rest was restored", file=sys.stderr)
     return 0 if out.ok else 1
+
+
+def cmd_warm(args: argparse.Namespace) -> int:
+    from backupfs import readplan
+
+    sources = []
+    for path in args.paths:
+        if not os.path.exists(path):
+            raise UserError(f"{path}: no such file or directory")
+        source = readplan.source_of(path)
+        if source is None:
+            raise UserError(
+                f"{path}: not in an attached ext2/3/4, xfs or vfat filesystem (see backupfs attach)"
+            )
+        sources.append((source, path))
+    started = time.monotonic()
+    tty = sys.stderr.isatty()
+
+    def progress(fetched: int, total: int) -> None:
+        if tty:
+            pct = 100 * fetched // total if total else 100
+            sys.stderr.write(f"\rwarming {_human(fetched)} of {_human(total)} ({pct}%) ")
+
+    fetched_all = 0
+    for source, path in sources:
+        fetched, _, error = readplan.warm(source, readplan.subtree(path), progress)
+        fetched_all += fetched
+        if tty:
+            sys.stderr.write("\n")
+        if error is not None:
+            raise UserError(f"warming {path}: {error}")
+    print(f"warmed {_human(fetched_all)} in {time.monotonic() - started:.1f}s")
+    return 0
 
 
 def cmd_flush(args: argparse.Namespace) -> int:
@@ -297,6 +331,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="parallel readers (default: 4, or one per loop clone if more)",
     )
     p.add_argument("--no-flush", action="store_true", help="skip the final syncfs")
+    p.add_argument(
+        "--no-plan",
+        action="store_true",
+        help="do not tell the mount what will be read (plain readahead only)",
+    )
     group = p.add_mutually_exclusive_group()
     group.add_argument(
         "--overwrite",
@@ -310,6 +349,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--json", action="store_true", help="a JSON summary on stdout")
     p.set_defaults(func=cmd_restore)
+
+    p = sub.add_parser("warm", help="fetch the data under PATH (in an attachment) into the cache")
+    p.add_argument("paths", nargs="+", metavar="PATH")
+    p.set_defaults(func=cmd_warm)
 
     p = sub.add_parser("flush", help="make files under PATH durable (after cp or rsync)")
     p.add_argument("paths", nargs="+", metavar="PATH")

@@ -28,6 +28,7 @@ from backupfs.errors import UserError, user_error_in
 from backupfs.fuse_ops import BackupFsOps
 from backupfs.mounts import top_fstype
 from backupfs.options import MountOptions
+from backupfs.plan_server import PlanServer
 from backupfs.readahead import ReadaheadConfig
 from backupfs.remote import StoreClient, make_client, redact
 from backupfs.stats import Stats
@@ -36,6 +37,7 @@ from backupfs.store import open_store
 log = logging.getLogger(__name__)
 _READY = b"R"
 _ERROR = b"E"
+PLAN_AHEAD_BYTES = 256 << 20  # a read plan is prefetched at most this far ahead
 
 
 def fuse_mount_options(url: str, opts: MountOptions) -> set[str]:
@@ -87,6 +89,15 @@ async def serve(
                 started_s=time.monotonic(),
             )
             ops = BackupFsOps(tree, reader, store, readahead, opts.allow_other, view)
+            plans = PlanServer(
+                tree,
+                store,
+                reader,
+                ahead_bytes=min(PLAN_AHEAD_BYTES, opts.lru_bytes // 2),
+                warm_bytes=opts.lru_bytes * 3 // 4,
+                allow_other=opts.allow_other,
+            )
+            await nursery.start(plans.serve, mountpoint)
             pyfuse3.init(ops, mountpoint, fuse_mount_options(url, opts))
             unmounted = False
             try:

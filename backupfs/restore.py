@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from backupfs import copying
+from backupfs import copying, readplan
 from backupfs.durability import FlushResult, Target, flush_target
 from backupfs.errors import UserError
 from backupfs.restore_plan import Entry, SourcePlan, walk
@@ -38,6 +38,7 @@ class RestoreOptions:
     flush: bool = True
     existing: str = "refuse"  # refuse | overwrite | skip
     progress: bool = False
+    read_plan: bool = True  # tell the mount daemon what will be read (readplan.py)
 
 
 @dataclass
@@ -50,6 +51,7 @@ class Outcome:
     failed: list[tuple[str, str]] = field(default_factory=list)
     flush: list[FlushResult] = field(default_factory=list)
     seconds: float = 0.0
+    planned_bytes: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def done(self, size: int) -> None:
@@ -73,6 +75,7 @@ class Outcome:
             "bytes": self.bytes,
             "skipped": self.skipped,
             "seconds": round(self.seconds, 3),
+            "planned_bytes": self.planned_bytes,
             "failed": [{"path": p, "error": e} for p, e in self.failed],
             "flush": [
                 {
@@ -176,9 +179,26 @@ class Pipeline:
                 todo.append(entry)
         return todo
 
+    def _start_plan(self, todo: list[Entry]) -> readplan.RestorePlan | None:
+        if not self.opts.read_plan or not todo:
+            return None
+        root = self.plan.roots[0]
+        files = [(os.path.join(root, e.rel), e.st.st_size) for e in todo]
+        return readplan.start_restore_plan(root, files)
+
     def copy_files(self) -> None:
-        for batch in _batches(self._todo()):
+        todo = self._todo()
+        for batch in _batches(todo):
             self.work.put(batch)
+        plan = self._start_plan(todo)  # the same order as the batches
+        try:
+            self._run_threads()
+        finally:
+            if plan is not None:
+                plan.close()
+                self.out.planned_bytes += plan.planned_bytes
+
+    def _run_threads(self) -> None:
         readers = self.opts.jobs or max(4, len(self.plan.roots))
         writer_threads = [threading.Thread(target=self.writer) for _ in range(self.opts.writers)]
         reader_threads = [threading.Thread(target=self.reader, args=(i,)) for i in range(readers)]

@@ -14,6 +14,7 @@ class Stats:
     retries: int = 0
     verify_failures: int = 0
     read_errors: int = 0
+    plan_bytes: int = 0  # bytes asked for by read plans and `backupfs warm`
     fetch_seconds: list[float] = field(default_factory=list, repr=False)
 
     def record_fetch(self, seconds: float) -> None:

@@ -1,0 +1,178 @@
+"""The client side of read plans: map files in an attached filesystem to byte ranges of
+the disk image behind it, and stream them to the daemon that serves the image.
+
+Used by `backupfs restore` (ranges in copying order, prefetched a bounded distance ahead)
+and `backupfs warm` (ranges sorted by offset, fetched whole). Anything missing on the way
+(no attachment, a filesystem without FIEMAP, a daemon without the channel) means no plan:
+reads then fall back to the daemon's readahead.
+"""
+
+import contextlib
+import json
+import logging
+import os
+import socket
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+
+from backupfs import attach_state
+from backupfs.extents import PLANNABLE_FS, NoFiemap, Range, file_extents, merge, to_image
+from backupfs.mounts import read_mounts
+from backupfs.plan_channel import RANGES_PER_MESSAGE, encode, socket_address
+
+log = logging.getLogger(__name__)
+MERGE_GAP_BYTES = 256 << 10  # read across gaps this small: one request beats two
+
+
+@dataclass(frozen=True)
+class ImageSource:
+    """Where the bytes of an attached partition come from."""
+
+    mountpoint: str  # the backupfs mount serving the image
+    image: str  # the image's path inside that mount
+    partition_start: int
+    fstype: str
+
+
+def _backupfs_mount(image: str) -> tuple[str, str] | None:
+    best = ""
+    for m in read_mounts():
+        if m.fstype == "fuse.backupfs" and image.startswith(m.mount_point.rstrip("/") + "/"):
+            best = max(best, m.mount_point, key=len)
+    return (best, os.path.relpath(image, best)) if best else None
+
+
+def source_of(path: str) -> ImageSource | None:
+    """The image and partition under `path`, if it lies in a plannable attachment."""
+    real = os.path.realpath(path)
+    for att in attach_state.load_all():
+        for part in att.partitions:
+            for mount in att.clone_mounts(part.number):
+                if real != mount.path and not real.startswith(mount.path + os.sep):
+                    continue
+                served = _backupfs_mount(att.image)
+                if served is None or mount.fstype not in PLANNABLE_FS:
+                    return None
+                return ImageSource(served[0], served[1], part.start_bytes, mount.fstype)
+    return None
+
+
+def image_ranges(source: ImageSource, files: Iterable[tuple[str, int]]) -> Iterator[Range]:
+    """Image ranges of `(path, size)` files, in their order; unmappable files are skipped."""
+    for path, size in files:
+        try:
+            extents = file_extents(path)
+        except (NoFiemap, OSError) as exc:
+            log.debug("no extents for %s: %s", path, exc)
+            continue
+        yield from to_image(extents, source.partition_start, size)
+
+
+def batched(ranges: Iterable[Range], n: int = RANGES_PER_MESSAGE) -> Iterator[list[Range]]:
+    batch: list[Range] = []
+    for r in ranges:
+        batch.append(r)
+        if len(batch) >= n:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+class PlanSession:
+    """One connection to a mount daemon, carrying one plan for one image."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.reply = sock.makefile("rb")
+
+    @classmethod
+    def open(cls, source: ImageSource, mode: str) -> "PlanSession | None":
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        try:
+            sock.connect(socket_address(source.mountpoint))
+            sock.sendall(encode({"image": source.image, "mode": mode}))
+        except OSError as exc:
+            log.info("no read plan: the daemon of %s does not answer: %s", source.mountpoint, exc)
+            sock.close()
+            return None
+        return cls(sock)
+
+    def send(self, ranges: Iterable[Range]) -> int:
+        """Send ranges merged over small gaps, then the end mark; returns bytes planned."""
+        total = 0
+        for batch in batched(merge(ranges, MERGE_GAP_BYTES)):
+            total += sum(end - start for start, end in batch)
+            self.sock.sendall(encode({"ranges": batch}))
+        self.sock.sendall(encode({"end": True}))
+        return total
+
+    def replies(self) -> Iterator[dict[str, object]]:
+        for line in self.reply:
+            yield json.loads(line)
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):  # also wakes a thread blocked in sendall
+            self.sock.shutdown(socket.SHUT_RDWR)
+        self.reply.close()
+        self.sock.close()
+
+
+class RestorePlan:
+    """Streams a restore's plan from a thread, so copying starts at once; closing the
+    connection when the restore ends tells the daemon to stop prefetching."""
+
+    def __init__(self, session: PlanSession, ranges: Iterable[Range]) -> None:
+        self.session = session
+        self.planned_bytes = 0
+        self.thread = threading.Thread(target=self._send, args=(ranges,), daemon=True)
+        self.thread.start()
+
+    def _send(self, ranges: Iterable[Range]) -> None:
+        with contextlib.suppress(OSError):  # the daemon went away: plain readahead then
+            self.planned_bytes = self.session.send(ranges)
+
+    def close(self) -> None:
+        self.session.close()
+        self.thread.join()
+
+
+def start_restore_plan(root: str, files: list[tuple[str, int]]) -> RestorePlan | None:
+    """Plan `files` (paths under `root`, in copying order), or None when no plan applies."""
+    source = source_of(root)
+    session = PlanSession.open(source, "restore") if source else None
+    if source is None or session is None:
+        return None
+    return RestorePlan(session, image_ranges(source, files))
+
+
+def subtree(path: str) -> list[str]:
+    """`path` and, for a directory, every directory and regular file below it."""
+    out = [path]
+    for top, dirs, files in os.walk(path):
+        out.extend(os.path.join(top, d) for d in dirs)
+        out.extend(f for f in (os.path.join(top, n) for n in files) if os.path.isfile(f))
+    return out
+
+
+def warm(
+    source: ImageSource, paths: list[str], on_progress: Callable[[int, int], None]
+) -> tuple[int, int, str | None]:
+    """Fetch the extents of `paths` (sorted by offset) into the daemon's cache; returns
+    (bytes fetched, bytes planned, error or None)."""
+    session = PlanSession.open(source, "warm")
+    if session is None:
+        return 0, 0, f"the backupfs daemon of {source.mountpoint} does not answer"
+    try:
+        ranges = sorted(image_ranges(source, ((p, 1 << 62) for p in paths)))
+        total = session.send(ranges)
+        for reply in session.replies():
+            fetched, total = int(reply["fetched"]), int(reply["total"])  # type: ignore[call-overload]
+            on_progress(fetched, total)
+            if reply.get("done"):
+                error = reply.get("error")
+                return fetched, total, None if error is None else str(error)
+        return 0, total, "the daemon closed the connection"
+    finally:
+        session.close()

@@ -1,0 +1,142 @@
+"""Read plans: FIEMAP extents of attached files, `restore` with a plan, `backupfs warm`."""
+
+import hashlib
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from backupfs import readplan
+from backupfs.indexer import index_store
+from tests.support.disks import PartSpec, make_disk, make_tree
+from tests.support.mounting import mounted, run_cli, sha256_file
+from tests.support.nginx import Nginx
+
+SNAP = "db01/2026-11-22"
+DISK = "disk0.img"
+
+
+@dataclass
+class Attached:
+    image: Path  # the image file in the store (nginx serves it)
+    mnt: Path
+    target: Path
+    env: dict[str, str]
+    trees: dict[int, dict[str, str]]  # partition -> {path: sha256}
+
+
+@pytest.fixture(scope="module")
+def attached(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Attached]:
+    work = tmp_path_factory.mktemp("readplan")
+    store = work / "store"
+    (store / SNAP).mkdir(parents=True)
+    trees, specs = {}, []
+    for number, fstype in ((1, "ext4"), (2, "xfs")):
+        root = work / f"tree{number}"
+        trees[number] = make_tree(root, seed=number, files=60, special=False)
+        specs.append(PartSpec(fstype, 300, tree=root))
+    make_disk(store / SNAP / DISK, "gpt", specs)
+    index_store(store, say=lambda _: None)
+    mnt, target = work / "mnt", work / "target"
+    mnt.mkdir()
+    env = {**os.environ, "BACKUPFS_RUN_DIR": str(work / "run")}
+    with Nginx(store, work / "nginx") as nginx, mounted(nginx.url, mnt, "cache_size=256M"):
+        result = run_cli("attach", "--clones", "2", str(mnt / SNAP / DISK), str(target), env=env)
+        assert result.returncode == 0, result.stderr
+        try:
+            yield Attached(store / SNAP / DISK, mnt, target, env, trees)
+        finally:
+            detached = run_cli("detach", str(target), env=env)
+            assert detached.returncode == 0, detached.stderr
+
+
+@pytest.fixture
+def run_dir(attached: Attached, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BACKUPFS_RUN_DIR", attached.env["BACKUPFS_RUN_DIR"])
+
+
+def _stats(attached: Attached) -> dict[str, Any]:
+    return json.loads((attached.mnt / ".backupfs" / "stats").read_text())
+
+
+@pytest.mark.parametrize("partition", [1, 2], ids=["ext4", "xfs"])
+def test_plan_extents_are_the_file_bytes_in_the_image(
+    attached: Attached, run_dir: None, partition: int
+) -> None:
+    root = attached.target / f"p{partition}"
+    source = readplan.source_of(str(root))
+    assert source is not None and source.image == f"{SNAP}/{DISK}"
+    mapped = 0
+    with open(attached.image, "rb") as image:
+        for rel, digest in attached.trees[partition].items():
+            path = root / rel
+            size = path.stat().st_size
+            ranges = list(readplan.image_ranges(source, [(str(path), size)]))
+            data = hashlib.sha256()
+            for start, end in ranges:
+                image.seek(start)
+                data.update(image.read(end - start))
+            assert sum(e - s for s, e in ranges) == size, rel
+            assert data.hexdigest() == digest, rel
+            mapped += bool(ranges)
+    assert mapped >= len(attached.trees[partition]) - 1  # all but the empty file
+
+
+def test_restore_sends_a_plan_and_restores_identical_files(
+    attached: Attached, tmp_path: Path
+) -> None:
+    before = _stats(attached)
+    dest = tmp_path / "out"
+    result = run_cli("restore", "--json", str(attached.target / "p1"), str(dest), env=attached.env)
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    tree = attached.trees[1]
+    assert summary["files"] == len(tree) and summary["planned_bytes"] > 0
+    for rel, digest in tree.items():
+        assert sha256_file(dest / rel) == digest, rel
+    after = _stats(attached)
+    assert after["plan_bytes"] - before["plan_bytes"] >= summary["planned_bytes"] // 2
+
+    plain = run_cli(
+        "restore", "--json", "--no-plan", str(attached.target / "p1"), str(tmp_path / "again"),
+        env=attached.env,
+    )  # fmt: skip
+    assert plain.returncode == 0, plain.stderr
+    assert json.loads(plain.stdout)["planned_bytes"] == 0
+
+
+def test_warm_fills_the_cache(attached: Attached) -> None:
+    subtree = attached.target / "p2" / "data"
+    before = _stats(attached)
+    result = run_cli("warm", str(subtree), env=attached.env)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("warmed ")
+    warmed = _stats(attached)
+    fetched_by_warm = warmed["bytes_fetched"] - before["bytes_fetched"]
+    files = {rel: d for rel, d in attached.trees[2].items() if rel.startswith("data/")}
+    sizes = sum((subtree.parent / rel).stat().st_size for rel in files)
+    assert warmed["plan_bytes"] - before["plan_bytes"] >= sizes  # what was already cached too
+    assert fetched_by_warm > 0
+    for rel, digest in files.items():  # first reads: nothing of these is in the page cache
+        assert sha256_file(subtree.parent / rel) == digest
+    read = _stats(attached)
+    assert read["cache_hits"] > warmed["cache_hits"]
+    hits = read["cache_hits"] - warmed["cache_hits"]
+    misses = read["cache_misses"] - warmed["cache_misses"]
+    # What still missed is metadata (inodes) and the kernel's readahead past the files.
+    assert misses < hits / 4, (hits, misses)
+    assert read["bytes_fetched"] - warmed["bytes_fetched"] < sizes / 2
+
+
+def test_warm_refuses_a_path_outside_attachments(attached: Attached, tmp_path: Path) -> None:
+    result = run_cli("warm", str(tmp_path), env=attached.env)
+    assert result.returncode == 1
+    assert result.stderr == (
+        f"backupfs: {tmp_path}: not in an attached ext2/3/4, xfs or vfat filesystem"
+        " (see backupfs attach)\n"
+    )
+
