@@ -13,6 +13,7 @@ import trio
 from cachetools import LRUCache
 
 from backupfs.cache import BlockCache
+from backupfs.diskcache import DiskCache
 from backupfs.errors import FetchError
 from backupfs.ranges import block_range, block_span, contiguous_runs, slice_blocks
 from backupfs.readahead import StreamTracker
@@ -41,6 +42,7 @@ class BlockReader:
         request_size: int,
         stats: Stats,
         hinted_blocks: int = 1 << 16,
+        disk: DiskCache | None = None,
     ) -> None:
         self.store = store
         self.cache = cache
@@ -48,6 +50,7 @@ class BlockReader:
         self.request_size = request_size
         self.stats = stats
         self._pending: dict[BlockKey, _Pending] = {}
+        self.disk = disk  # verified blocks on local disk, keyed by content digest
         # Read plans: bytes of each planned block not yet served. A block is dropped from
         # the cache once all its planned bytes were read (the kernel's page cache has them).
         self._planned: dict[BlockKey, int] = {}
@@ -168,9 +171,7 @@ class BlockReader:
         keys = [(image.image_id, n) for n in range(first, end)]
         error: Exception = FetchError("fetch cancelled", transient=False)
         try:
-            start = block_span(first, image.block_size, image.size_bytes)[0]
-            stop = block_span(end - 1, image.block_size, image.size_bytes)[1]
-            blocks = await self.store.fetch_range(image, start, stop, image.block_size)
+            blocks = await self._load(image, first, end)
             for key, block in zip(keys, blocks, strict=True):
                 self.cache.put(key, block)
                 pending = self._pending.pop(key)
@@ -186,3 +187,53 @@ class BlockReader:
                 if left is not None:
                     left.error = error
                     left.done.set()
+
+    async def _load(self, image: Image, first: int, end: int) -> list[bytes]:
+        """Blocks `[first, end)`: from the disk cache where it has them, else over HTTP."""
+        bs = image.block_size
+        found: list[bytes | None] = [None] * (end - first)
+        parts = self._digest_parts(image)
+        if self.disk is not None and parts:
+            found = await trio.to_thread.run_sync(self._from_disk, image, first, end, parts)
+            self.stats.disk_cache_hits += sum(b is not None for b in found)
+        fresh: list[tuple[int, list[bytes]]] = []
+        missing = [n for n, b in zip(range(first, end), found, strict=True) if b is None]
+        for run_first, run_end in contiguous_runs(missing, end - first):
+            start = block_span(run_first, bs, image.size_bytes)[0]
+            stop = block_span(run_end - 1, bs, image.size_bytes)[1]
+            blocks = await self.store.fetch_range(image, start, stop, bs)
+            found[run_first - first : run_end - first] = blocks
+            fresh.append((run_first, blocks))
+        if fresh and self.disk is not None and parts:
+            self.nursery.start_soon(trio.to_thread.run_sync, self._to_disk, image, fresh, parts)
+        return found  # type: ignore[return-value]
+
+    @staticmethod
+    def _digest_parts(image: Image) -> int:
+        """Digest blocks per cache block; 0 when blocks cannot be keyed by content."""
+        if image.digests is None or image.block_size % image.digest_block_size:
+            return 0
+        return image.block_size // image.digest_block_size
+
+    def _from_disk(self, image: Image, first: int, end: int, parts: int) -> list[bytes | None]:
+        assert self.disk is not None and image.digests is not None
+        out: list[bytes | None] = []
+        for n in range(first, end):
+            digests = image.digests[n * parts : (n + 1) * parts]
+            pieces = []
+            for digest in digests:
+                piece = self.disk.get(digest)
+                if piece is None:
+                    break
+                pieces.append(piece)
+            out.append(b"".join(pieces) if len(pieces) == len(digests) else None)
+        return out
+
+    def _to_disk(self, image: Image, fresh: list[tuple[int, list[bytes]]], parts: int) -> None:
+        assert self.disk is not None and image.digests is not None
+        dbs = image.digest_block_size
+        for run_first, blocks in fresh:
+            for i, block in enumerate(blocks):
+                base = (run_first + i) * parts
+                for j in range(0, len(block), dbs):
+                    self.disk.put(image.digests[base + j // dbs], block[j : j + dbs])

@@ -24,6 +24,7 @@ from backupfs import control, tuning
 from backupfs.blocks import BlockReader
 from backupfs.cache import BlockCache
 from backupfs.credentials import Credentials
+from backupfs.diskcache import DiskCache
 from backupfs.errors import UserError, user_error_in
 from backupfs.fuse_ops import BackupFsOps
 from backupfs.mounts import top_fstype
@@ -79,7 +80,10 @@ async def serve(
             store = StoreClient(client, url, opts, stats)
             tree = await open_store(store, opts.block_size)
             cache = BlockCache(opts.lru_bytes, stats)
-            reader = BlockReader(store, cache, nursery, opts.request_size, stats)
+            disk = None
+            if opts.cache_dir is not None:
+                disk = await trio.to_thread.run_sync(DiskCache, opts.cache_dir, opts.cache_dir_size)
+            reader = BlockReader(store, cache, nursery, opts.request_size, stats, disk=disk)
             view = control.MountView(
                 store_url=redact(url),
                 stats=stats,

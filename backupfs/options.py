@@ -1,6 +1,7 @@
 """Mount options: one frozen dataclass, parsed once from `-o a=b,c` strings."""
 
 import math
+import os
 import re
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
@@ -18,7 +19,7 @@ GENERIC_OPTIONS = frozenset(
 _SIZE = re.compile(r"(\d+)([KMGT]?)(i?B)?", re.IGNORECASE)
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 _FLAGS = ("allow_other", "debug", "insecure")
-_SIZES = ("cache_size", "block_size", "readahead", "request_size")
+_SIZES = ("cache_size", "block_size", "readahead", "request_size", "cache_dir_size")
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,8 @@ class MountOptions:
     allow_other: bool = False  # let other users read (files become 0444)
     debug: bool = False  # per-request log lines
     log_file: Path | None = None  # log here instead of syslog when daemonized
+    cache_dir: Path | None = None  # verified blocks kept on disk across mounts (diskcache.py)
+    cache_dir_size: int = 10 << 30  # most bytes kept in cache_dir
 
     @property
     def in_flight_bytes(self) -> int:
@@ -83,7 +86,7 @@ def _parse_value(key: str, value: str) -> object:
         return _parse_seconds(value, key)
     if key in ("connections", "retries"):
         return _parse_count(value, key, 1 if key == "connections" else 0)
-    return Path(value)
+    return Path(os.path.abspath(value))  # the daemon runs in /
 
 
 def parse_options(option_strings: list[str]) -> MountOptions:

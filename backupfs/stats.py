@@ -14,6 +14,7 @@ class Stats:
     retries: int = 0
     verify_failures: int = 0
     read_errors: int = 0
+    disk_cache_hits: int = 0  # blocks read from cache_dir instead of fetched
     plan_bytes: int = 0  # bytes asked for by read plans and `backupfs warm`
     fetch_seconds: list[float] = field(default_factory=list, repr=False)
 

@@ -70,8 +70,8 @@ def test_credential_and_tls_options_are_paths() -> None:
     opts = parse_options(["netrc=/etc/backupfs/netrc,cert=c.pem,key=./k.pem,cafile=/etc/ca.pem"])
     assert (opts.netrc, opts.cert, opts.key, opts.cafile) == (
         Path("/etc/backupfs/netrc"),
-        Path("c.pem"),
-        Path("k.pem"),
+        Path.cwd() / "c.pem",
+        Path.cwd() / "k.pem",
         Path("/etc/ca.pem"),
     )
     assert not opts.insecure
