@@ -200,7 +200,8 @@ def test_group_readable_token_warns_and_relative_paths_survive_the_fork(
             cwd=tmp_path,
         )  # fmt: skip
         assert result.returncode == 0, result.stderr
-        warning = "token_file token is readable by group or others; chmod 600 it"
+        token = tmp_path / "token"  # named by its absolute path: options are made absolute
+        warning = f"token_file {token} is readable by group or others; chmod 600 it"
         assert result.stderr == f"backupfs: warning: {warning}\n"
         _read_back(store, mnt)
         assert len(daemon_pids(mnt)) == 1
