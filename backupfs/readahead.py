@@ -15,14 +15,22 @@ class ReadaheadConfig:
     max_bytes: int = 64 << 20  # the window doubles up to this (mount option readahead=)
     slack_bytes: int = 1 << 20  # out-of-order tolerance before a read counts as a seek
     max_streams: int = 4  # sequential streams tracked per file handle
+    min_density: float = 0.5  # share of a stream's span actually read, else it is sparse
 
 
 @dataclass
 class Stream:
     next_offset: int
+    start_offset: int = 0  # where the stream began
+    bytes_read: int = 0
     window: int = 0
     prefetched_to: int = 0
     last_use: int = 0
+
+    @property
+    def density(self) -> float:
+        span = self.next_offset - self.start_offset
+        return self.bytes_read / span if span > 0 else 1.0
 
 
 @dataclass
@@ -39,12 +47,18 @@ class StreamTracker:
         end = offset + size
         stream = self._match(offset)
         if stream is None:
-            self._remember(Stream(next_offset=end, last_use=self._clock))
+            self._remember(Stream(end, offset, size, last_use=self._clock))
             return None
         stream.last_use = self._clock
+        stream.bytes_read += size
         if end <= stream.next_offset - self.config.slack_bytes:
             return None  # a late read from behind the stream's head: already handled
         stream.next_offset = max(stream.next_offset, end)
+        if stream.density < self.config.min_density:
+            # Small reads with gaps, in rising order (scattered files of a filesystem):
+            # not a stream worth reading ahead for.
+            stream.window = 0
+            return None
         head = stream.next_offset
         if stream.window == 0:
             stream.window = min(self.config.initial_bytes, self.config.max_bytes)

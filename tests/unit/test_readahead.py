@@ -212,3 +212,22 @@ def test_streams_in_use_survive_random_reads() -> None:
             got += 1
         tracker.on_read(100_000 * MiB + rng.randrange(1000) * 64 * MiB, READ)
     assert got > 1  # the sequential stream kept its readahead despite the noise
+
+
+def test_sparse_rising_reads_never_prefetch() -> None:
+    """Scattered small files of a filesystem, read in disk order: gaps within the slack,
+    but most of the span unread. Not a stream."""
+    tracker = StreamTracker(ReadaheadConfig())
+    for i in range(500):
+        assert tracker.on_read(i * 200 * KiB, 16 * KiB) is None
+
+
+def test_a_stream_that_turns_sparse_stops_reading_ahead() -> None:
+    tracker = StreamTracker(ReadaheadConfig())
+    assert any(ahead for _, ahead in _sequential(tracker, 0, 8))  # 1 MiB read densely
+    offset = 8 * READ
+    prefetched = []
+    for _ in range(200):  # then 4 KiB every 512 KiB
+        offset += 512 * KiB
+        prefetched.append(tracker.on_read(offset, 4 * KiB))
+    assert all(p is None for p in prefetched[20:])
