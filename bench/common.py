@@ -4,12 +4,16 @@ metrics, and dropping caches between cold runs."""
 import contextlib
 import os
 import re
+import shlex
 import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+ROOT = str(Path(__file__).resolve().parent.parent)
+sys.path.insert(0, ROOT)
+# `python3 -m backupfs` in child processes runs this checkout, installed or not
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))
 
 from tests.support.nginx import Nginx  # noqa: E402
 from tests.support.proxy import DelayProxy  # noqa: E402
@@ -41,3 +45,13 @@ def cpu_seconds(pid: int) -> float:
 def drop_caches() -> None:
     subprocess.run(["sync"], check=True, timeout=120)
     Path("/proc/sys/vm/drop_caches").write_text("3")
+
+
+def run_logged(argv: list[str], timeout: float = 120, env: dict[str, str] | None = None) -> str:
+    """Run a command; return its stdout, or raise RuntimeError with the end of its stderr."""
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=env,
+                          stdin=subprocess.DEVNULL)  # fmt: skip
+    if proc.returncode:
+        error = (proc.stderr.strip() or proc.stdout.strip())[-2000:]
+        raise RuntimeError(f"{shlex.join(argv)[:300]} exited with {proc.returncode}: {error}")
+    return proc.stdout

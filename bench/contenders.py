@@ -1,0 +1,470 @@
+"""The ways of getting files out of a disk image on an HTTP server that bench/suite.py compares.
+
+Each contender opens partition 1 of a remote image as a read-only mounted filesystem
+(`Opened.root`) and says how it copies files out of it. Every resource it makes (FUSE
+mounts, loop devices, mounts, processes, downloaded files) goes on the caller's ExitStack
+the moment it exists, so a failure or Ctrl-C anywhere undoes exactly what was made.
+Processes are stopped by the PID this code started; nothing is killed by name.
+
+Adding a row is one entry in CONTENDERS, e.g. `Backupfs("backupfs-noplan",
+restore_args=("--no-plan",))` (there: restore without a read plan), or with other
+mount_options / attach_args; DEFAULT says which rows run without --contenders.
+"""
+
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import NamedTuple
+
+from common import cpu_seconds, peak_rss_mib, run_logged
+
+from tests.support.mounting import is_mounted, mounted
+from tests.support.mounting import stop as stop_fuse_daemon
+
+BACKUPFS = [sys.executable, "-m", "backupfs"]
+READY_TIMEOUT_S = 60.0
+LOOP_MOUNT_OPTIONS = "ro,noload,nosuid,nodev,noexec"  # what `backupfs attach` uses for ext4
+
+
+class Cmd(NamedTuple):
+    argv: list[str]
+    cwd: Path | None = None
+
+
+@dataclass
+class Opened:
+    """A contender's view of partition 1 of the image, mounted read-only at `root`."""
+
+    root: Path
+    env: dict[str, str] = field(default_factory=lambda: dict(os.environ))
+    # CPU seconds and peak RSS (MiB) of whatever serves the data; read before teardown
+    metrics: Callable[[], tuple[float, float]] = lambda: (float("nan"), float("nan"))
+
+
+class Contender:
+    name = ""
+    needs: tuple[str, ...] = ()  # commands that must be installed
+
+    def describe(self) -> str:
+        """One line for the report: the exact way this contender is set up."""
+        raise NotImplementedError
+
+    def open(self, url: str, image: str, work: Path, stack: contextlib.ExitStack) -> Opened:
+        """Make partition 1 of `url + image` readable; register every undo step on `stack`."""
+        raise NotImplementedError
+
+    # How files are copied out: commands, run in order. Results: the file lands in
+    # dest_dir/src.name; the tree becomes dest; copy_files says where each file went.
+    def copy_file(self, src: Path, dest_dir: Path) -> list[Cmd]:
+        return [Cmd(["cp", "--", str(src), f"{dest_dir}/"]), _syncfs(dest_dir)]
+
+    def copy_tree(self, src: Path, dest: Path) -> list[Cmd]:
+        return [Cmd(["cp", "-a", "--", str(src), str(dest)]), _syncfs(dest)]
+
+    def copy_files(
+        self, root: Path, rels: list[str], dest: Path
+    ) -> tuple[list[Cmd], Callable[[], dict[str, Path]]]:
+        cmds = [Cmd(["cp", "-a", "--parents", "-t", str(dest), "--", *rels], root), _syncfs(dest)]
+        return cmds, lambda: {rel: dest / rel for rel in rels}
+
+
+def _syncfs(path: Path) -> Cmd:
+    """The copy is made durable as `backupfs restore` makes it: one syncfs at the end."""
+    return Cmd(["sync", "--file-system", str(path)])
+
+
+# --------------------------------------------------------------------------------------------
+# backupfs
+
+
+class Backupfs(Contender):
+    """`backupfs mount` + `backupfs attach` (defaults: 4 loop clones), copies with `backupfs
+    restore` (durable: one syncfs at the end). W3 runs one restore per batch of files with
+    distinct names, since several SRCs land in DEST/<name>."""
+
+    needs = ("fusermount3", "losetup", "sfdisk", "blkid")
+
+    def __init__(
+        self,
+        name: str = "backupfs",
+        mount_options: tuple[str, ...] = (),
+        attach_args: tuple[str, ...] = (),
+        restore_args: tuple[str, ...] = (),
+    ) -> None:
+        self.name = name
+        self.mount_options = mount_options
+        self.attach_args = attach_args
+        self.restore_args = restore_args
+
+    def describe(self) -> str:
+        opts = ["-o", ",".join(self.mount_options)] if self.mount_options else []
+        return "; ".join(
+            " ".join(words)
+            for words in (
+                ["backupfs mount", *opts, "URL MNT"],
+                ["backupfs attach", *self.attach_args, "MNT/IMAGE TARGET"],
+                ["backupfs restore", *self.restore_args, "SRC... DEST"],
+            )
+        )
+
+    def open(self, url: str, image: str, work: Path, stack: contextlib.ExitStack) -> Opened:
+        mnt, target = work / "mnt", work / "attached"
+        mnt.mkdir(exist_ok=True)
+        env = {**os.environ, "BACKUPFS_RUN_DIR": str(work / "run")}
+        daemon = stack.enter_context(mounted(url, mnt, *self.mount_options))
+        stack.callback(self._detach, target, env)  # also undoes an attach that failed halfway
+        run_logged(
+            [*BACKUPFS, "attach", *self.attach_args, str(mnt / image), str(target)],
+            timeout=600,
+            env=env,
+        )
+        return Opened(target / "p1", env, pid_metrics(lambda: [daemon.pid]))
+
+    @staticmethod
+    def _detach(target: Path, env: dict[str, str]) -> None:
+        run_logged([*BACKUPFS, "detach", str(target)], timeout=600, env=env)
+
+    def _restore(self, srcs: list[str], dest: Path) -> Cmd:
+        return Cmd([*BACKUPFS, "restore", *self.restore_args, *srcs, str(dest)])
+
+    def copy_file(self, src: Path, dest_dir: Path) -> list[Cmd]:
+        return [self._restore([str(src)], dest_dir)]
+
+    def copy_tree(self, src: Path, dest: Path) -> list[Cmd]:
+        return [self._restore([str(src)], dest)]
+
+    def copy_files(
+        self, root: Path, rels: list[str], dest: Path
+    ) -> tuple[list[Cmd], Callable[[], dict[str, Path]]]:
+        """One restore per batch of files with distinct names, into dest/batch-K: with
+        several SRCs each lands under DEST/<name>, so equal names cannot share a DEST."""
+        batches: list[dict[str, str]] = []  # name -> rel
+        for rel in rels:
+            name = Path(rel).name
+            batch = next((b for b in batches if name not in b), None)
+            if batch is None:
+                batch = {}
+                batches.append(batch)
+            batch[name] = rel
+        cmds = [
+            self._restore([str(root / rel) for rel in batch.values()], dest / f"batch-{k}")
+            for k, batch in enumerate(batches)
+        ]
+
+        def where() -> dict[str, Path]:
+            found = {}
+            for k, batch in enumerate(batches):
+                for name, rel in batch.items():
+                    path = dest / f"batch-{k}" / name
+                    # backupfs 0.1 puts a file SRC given with others at DEST/<name>/<name>
+                    found[rel] = path / name if path.is_dir() else path
+            return found
+
+        return cmds, where
+
+
+# --------------------------------------------------------------------------------------------
+# contenders that loop-mount an image file themselves
+
+
+class LoopMounted(Contender):
+    """The image file is made available somehow (a FUSE mount, a download); partition 1 is
+    found with `sfdisk --json` and mounted through one read-only loop device
+    (`losetup --offset --sizelimit`, buffered) with the options `backupfs attach` uses."""
+
+    loop_needs = ("losetup", "sfdisk", "mount", "umount")
+
+    def image_file(
+        self, url: str, image: str, work: Path, stack: contextlib.ExitStack
+    ) -> tuple[Path, Callable[[], tuple[float, float]]]:
+        raise NotImplementedError
+
+    def open(self, url: str, image: str, work: Path, stack: contextlib.ExitStack) -> Opened:
+        path, metrics = self.image_file(url, image, work, stack)
+        root = work / "loopfs"
+        loop_mount(path, root, stack)
+        return Opened(root, metrics=metrics)
+
+
+def loop_mount(image: Path, target: Path, stack: contextlib.ExitStack) -> None:
+    table = json.loads(run_logged(["sfdisk", "--json", str(image)], timeout=300))
+    table = table["partitiontable"]
+    part = table["partitions"][0]
+    sector = int(table.get("sectorsize", 512))
+    device = run_logged(
+        [
+            "losetup",
+            "--find",
+            "--show",
+            "--read-only",
+            "--offset",
+            str(part["start"] * sector),
+            "--sizelimit",
+            str(part["size"] * sector),
+            str(image),
+        ],
+        timeout=300,
+    ).strip()
+    stack.callback(detach_loop, device, image)
+    target.mkdir(exist_ok=True)
+    stack.callback(unmount_dir, target)
+    run_logged(["mount", "-t", "ext4", "-o", LOOP_MOUNT_OPTIONS, device, str(target)], timeout=300)
+
+
+def detach_loop(device: str, image: Path) -> None:
+    """Free `device` if it still points at `image` (a device number may be reused)."""
+    back = subprocess.run(
+        ["losetup", "--noheadings", "--output", "BACK-FILE", device],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    ).stdout.strip()
+    if back and os.path.realpath(back.removesuffix(" (deleted)")) == os.path.realpath(image):
+        run_logged(["losetup", "--detach", device], timeout=300)
+    elif back:
+        print(f"[suite] left {device} alone: it now points at {back}", file=sys.stderr)
+
+
+def unmount_dir(target: Path) -> None:
+    for _ in range(10):
+        if not is_mounted(target):
+            return
+        if subprocess.run(["umount", str(target)], capture_output=True, timeout=300).returncode:
+            time.sleep(0.5)  # busy for a moment (a process still closing a file)
+    if is_mounted(target):
+        run_logged(["umount", "--lazy", str(target)], timeout=300)
+
+
+def pid_metrics(pids: Callable[[], list[int]]) -> Callable[[], tuple[float, float]]:
+    """CPU seconds (summed) and peak RSS in MiB (summed) of the live processes `pids()`."""
+
+    def read() -> tuple[float, float]:
+        live = [pid for pid in pids() if Path(f"/proc/{pid}").exists()]
+        return sum(cpu_seconds(p) for p in live), sum(peak_rss_mib(p) for p in live)
+
+    return read
+
+
+def child_pids(pid: int) -> list[int]:
+    children: list[int] = []
+    with contextlib.suppress(OSError):
+        for task in os.listdir(f"/proc/{pid}/task"):
+            text = Path(f"/proc/{pid}/task/{task}/children").read_text()
+            children += [int(c) for c in text.split()]
+    return children
+
+
+def fuse_daemon(
+    argv: list[str], mountpoint: Path, log: Path, stack: contextlib.ExitStack
+) -> subprocess.Popen[bytes]:
+    """Start a FUSE daemon in the foreground; return once `mountpoint` is mounted."""
+    mountpoint.mkdir(exist_ok=True)
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT
+        )
+    stack.callback(stop_fuse_daemon, proc, mountpoint)  # unmount, then wait/kill by PID
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    while not is_mounted(mountpoint):
+        if proc.poll() is not None:
+            raise RuntimeError(
+                f"{argv[0]} exited with {proc.returncode}: "
+                f"{log.read_text(errors='replace')[-1500:]}"
+            )
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{argv[0]} did not mount {mountpoint} in {READY_TIMEOUT_S} s")
+        time.sleep(0.05)
+    return proc
+
+
+class FuseFile(LoopMounted):
+    """A FUSE filesystem that shows the remote image as a file; the loop device sits on it."""
+
+    def mount_argv(self, url: str, image: str, mnt: Path, work: Path) -> tuple[list[str], Path]:
+        """The daemon's command line and where the image file appears in the mount."""
+        raise NotImplementedError
+
+    def image_file(
+        self, url: str, image: str, work: Path, stack: contextlib.ExitStack
+    ) -> tuple[Path, Callable[[], tuple[float, float]]]:
+        mnt = work / "fuse"
+        argv, path = self.mount_argv(url, image, mnt, work)
+        proc = fuse_daemon(argv, mnt, work / f"{self.name}.log", stack)
+        return path, pid_metrics(lambda: [proc.pid, *child_pids(proc.pid)])
+
+
+class Rclone(FuseFile):
+    """`rclone mount` with its http backend. --vfs-cache-mode full: the mode rclone's docs
+    give for files read at random offsets (a loop device is exactly that); fetched ranges are
+    kept in a sparse cache file, so a block read twice is fetched once, and seeks do not
+    restart the HTTP stream. Cold: a fresh, empty --cache-dir per run."""
+
+    needs = ("rclone", "fusermount3", *LoopMounted.loop_needs)
+
+    def __init__(self, name: str = "rclone", cache_mode: str = "full") -> None:
+        self.name, self.cache_mode = name, cache_mode
+
+    def describe(self) -> str:
+        return (
+            f"rclone mount :http: MNT --http-url URL --read-only --vfs-cache-mode "
+            f"{self.cache_mode} --cache-dir WORK; losetup -r --offset --sizelimit "
+            "MNT/IMAGE; mount -o ro,noload"
+        )
+
+    def mount_argv(self, url: str, image: str, mnt: Path, work: Path) -> tuple[list[str], Path]:
+        argv = [
+            "rclone",
+            "mount",
+            ":http:",
+            str(mnt),
+            "--http-url",
+            url,
+            "--read-only",
+            "--vfs-cache-mode",
+            self.cache_mode,
+            "--cache-dir",
+            str(work / "rclone-cache"),
+            "--config",
+            str(work / "rclone.conf"),
+        ]
+        return argv, mnt / image
+
+
+class Httpdirfs(FuseFile):
+    """httpdirfs with --no-range-check, which it needs because nginx's 206 replies carry no
+    Accept-Ranges. No --cache: with it, httpdirfs 1.2.5 dies on the first close of the image
+    ("Cache_free: could not destroy w_lock!", upstream issue #174), so each FUSE read is one
+    ranged GET."""
+
+    needs = ("httpdirfs", *LoopMounted.loop_needs)
+    name = "httpdirfs"
+
+    def describe(self) -> str:
+        return (
+            "httpdirfs -f --no-range-check URL MNT; losetup -r --offset --sizelimit "
+            "MNT/IMAGE; mount -o ro,noload"
+        )
+
+    def mount_argv(self, url: str, image: str, mnt: Path, work: Path) -> tuple[list[str], Path]:
+        return ["httpdirfs", "-f", "--no-range-check", url, str(mnt)], mnt / image
+
+
+class Nbdfuse(FuseFile):
+    """nbdkit's curl plugin serving the image over NBD to nbdfuse, which shows it as a file.
+    nbdkit 1.32's curl plugin serializes requests (one ranged GET at a time); its readahead
+    filter cannot prefetch with such a plugin, so none is added. CPU and RSS are nbdfuse's
+    plus nbdkit's."""
+
+    needs = ("nbdfuse", "nbdkit", *LoopMounted.loop_needs)
+    name = "nbdkit"
+
+    def describe(self) -> str:
+        return (
+            "nbdfuse -r MNT/disk.img [ nbdkit --exit-with-parent -r curl URL/IMAGE ]; "
+            "losetup -r --offset --sizelimit MNT/disk.img; mount -o ro,noload"
+        )
+
+    def mount_argv(self, url: str, image: str, mnt: Path, work: Path) -> tuple[list[str], Path]:
+        argv = [
+            "nbdfuse",
+            "-r",
+            str(mnt / "disk.img"),
+            "[",
+            "nbdkit",
+            "--exit-with-parent",
+            "-r",
+            "curl",
+            url + image,
+            "]",
+        ]
+        return argv, mnt / "disk.img"
+
+
+class Download(LoopMounted):
+    """`curl` downloads the whole image to the local disk first (into the work directory,
+    deleted after the run); then the loop device sits on the local file. CPU and RSS are
+    curl's."""
+
+    needs = ("curl", *LoopMounted.loop_needs)
+    name = "curl+loop"
+
+    def describe(self) -> str:
+        return (
+            "curl -sSf -o disk.img URL/IMAGE; losetup -r --offset --sizelimit disk.img; "
+            "mount -o ro,noload"
+        )
+
+    def image_file(
+        self, url: str, image: str, work: Path, stack: contextlib.ExitStack
+    ) -> tuple[Path, Callable[[], tuple[float, float]]]:
+        path = work / "download" / "disk.img"
+        path.parent.mkdir(exist_ok=True)
+        stack.callback(path.unlink, missing_ok=True)
+        proc = subprocess.Popen(
+            ["curl", "-sSf", "--max-time", "7200", "-o", str(path), url + image],
+            stdin=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        stack.callback(_kill_unreaped, proc)
+        # CPU time from wait4; peak RSS from VmHWM while it runs (wait4's ru_maxrss would
+        # include this Python process, which curl was forked from, in Linux's accounting)
+        rss_mib = 0.0
+        while True:
+            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+            if pid:
+                break
+            with contextlib.suppress(OSError):
+                rss_mib = max(rss_mib, peak_rss_mib(proc.pid))
+            time.sleep(0.02)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        if proc.returncode:
+            error = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
+            raise RuntimeError(f"curl exited with {proc.returncode}: {error.strip()}")
+        cpu = usage.ru_utime + usage.ru_stime
+        return path, lambda: (cpu, rss_mib)
+
+
+def _kill_unreaped(proc: subprocess.Popen[bytes]) -> None:
+    if proc.returncode is None:
+        proc.kill()
+        proc.wait(timeout=30)
+    if proc.stderr:
+        proc.stderr.close()
+
+
+CONTENDERS: dict[str, Contender] = {
+    c.name: c
+    for c in [
+        Backupfs(),  # restore with its defaults: a read plan where SRC is in an attachment
+        Download(),
+        Rclone(),
+        Httpdirfs(),
+        Nbdfuse(),
+        # variants, run only when named in --contenders (or added to DEFAULT)
+        Backupfs("backupfs-noplan", restore_args=("--no-plan",)),  # plain readahead only
+        Rclone("rclone-off", cache_mode="off"),
+    ]
+}
+DEFAULT = ["backupfs", "curl+loop", "rclone", "httpdirfs", "nbdkit"]
+
+
+def missing_commands(contender: Contender) -> list[str]:
+    """The commands `contender` needs that are not installed."""
+    path = os.environ.get("PATH", "") + ":/usr/sbin:/sbin"
+    return [
+        cmd
+        for cmd in contender.needs
+        if not any(os.access(Path(d) / cmd, os.X_OK) for d in path.split(":"))
+    ]
+
+
+@contextlib.contextmanager
+def opened(contender: Contender, url: str, image: str, work: Path) -> Iterator[Opened]:
+    with contextlib.ExitStack() as stack:
+        yield contender.open(url, image, work, stack)
