@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from backupfs import copying, readplan
 from backupfs.durability import FlushResult, Target, flush_target
 from backupfs.errors import UserError
-from backupfs.restore_plan import Entry, SourcePlan, walk
+from backupfs.restore_plan import Entry, SourcePlan, walk, walk_files
 
 SMALL_FILE_BYTES = 1 << 20
 BATCH_BYTES = 4 << 20
@@ -118,7 +118,7 @@ class Pipeline:
         )
 
     def final(self, entry: Entry) -> str:
-        return os.path.join(self.plan.dest, entry.rel)
+        return os.path.join(self.plan.dest, entry.dest_rel)
 
     def _record(self, path: str) -> None:
         if not self.target.uses_syncfs:
@@ -130,7 +130,7 @@ class Pipeline:
         try:
             action(*args)
         except OSError as exc:
-            self.out.fail(entry.rel or ".", exc)
+            self.out.fail(entry.dest_rel or ".", exc)
             return False
         self._record(self.final(entry))
         return True
@@ -155,7 +155,7 @@ class Pipeline:
                 try:
                     ready.append((entry, src, copying.read_small(src, entry.st)))
                 except OSError as exc:
-                    self.out.fail(entry.rel, exc)
+                    self.out.fail(entry.dest_rel, exc)
             if ready:
                 self.written.put(ready)
 
@@ -292,13 +292,29 @@ class Progress:
         sys.stderr.write(self._line() + "\n")
 
 
+def _plans(sources: list[str], dest: str) -> list[SourcePlan]:
+    """One SRC: DEST is its copy (a directory) or holds it (a file). Several: each lands in
+    DEST/<name>; the files among them form one plan, so they are read in parallel."""
+    if len(sources) == 1:
+        return [walk(sources[0], dest)]
+    names = [os.path.basename(os.path.normpath(s)) for s in sources]
+    for name in names:
+        if names.count(name) > 1:
+            raise UserError(f"two sources are named {name}: both would be restored to "
+                            f"{os.path.join(dest, name)}")  # fmt: skip
+    dirs = [s for s in sources if os.path.isdir(s) and not os.path.islink(s)]
+    files = [s for s in sources if s not in dirs]
+    for source in files:
+        if not os.path.lexists(source):
+            raise UserError(f"{source}: no such file or directory")
+    plans = [walk(s, os.path.join(dest, os.path.basename(os.path.normpath(s)))) for s in dirs]
+    return plans + ([walk_files(files, dest)] if files else [])
+
+
 def restore(sources: list[str], dest: str, opts: RestoreOptions) -> Outcome:
     dest = os.path.abspath(dest)
-    dests = [dest] if len(sources) == 1 else [
-        os.path.join(dest, os.path.basename(os.path.normpath(s))) for s in sources
-    ]  # fmt: skip
-    plans = [walk(src, d) for src, d in zip(sources, dests, strict=True)]
-    resuming = [_check_dest(d, opts.existing) for d in dests]
+    plans = _plans(sources, dest)
+    resuming = [_check_dest(p.dest, opts.existing) for p in plans]
     out = Outcome(total_files=sum(len(p.files) for p in plans),
                   total_bytes=sum(p.total_bytes for p in plans))  # fmt: skip
     started = time.monotonic()
@@ -314,10 +330,11 @@ def restore(sources: list[str], dest: str, opts: RestoreOptions) -> Outcome:
                     with open(marker, "w") as f:
                         json.dump({"sources": plan.roots}, f)
                 Pipeline(plan, opts, target, out).run()
-        markers = [os.path.join(plan.dest, MARKER) for plan in plans]
+        markers = sorted({os.path.join(plan.dest, MARKER) for plan in plans})
         if not out.failed:  # complete: nothing to resume (a failed flush puts them back)
-            for plan, marker in zip(plans, markers, strict=True):
+            for marker in markers:
                 os.unlink(marker)
+            for plan in plans:
                 for root in (e for e in plan.dirs if e.rel == ""):  # unlink touched its mtime
                     os.utime(plan.dest, ns=(root.st.st_atime_ns, root.st.st_mtime_ns))
         if opts.flush:

@@ -16,6 +16,11 @@ from backupfs.errors import UserError
 class Entry:
     rel: str  # path relative to the source root ("" for the root itself)
     st: os.stat_result
+    out: str = ""  # path relative to the destination, when not `rel`
+
+    @property
+    def dest_rel(self) -> str:
+        return self.out or self.rel
 
     @property
     def is_dir(self) -> bool:
@@ -96,4 +101,22 @@ def walk(source: str, dest: str) -> SourcePlan:
         else:
             plan.others.append(entry)
     plan.files.sort(key=lambda e: e.st.st_ino)  # roughly the on-disk order: fewer seeks
+    return plan
+
+
+def walk_files(sources: list[str], dest: str) -> SourcePlan:
+    """Several files (or links) restored into the directory `dest` under their own names,
+    as one plan: read through the clones of their common directory, in inode order."""
+    real = [os.path.realpath(os.path.dirname(os.path.abspath(s))) for s in sources]
+    common = os.path.commonpath(real)
+    plan = SourcePlan(clone_roots(common), dest)
+    for source, parent in zip(sources, real, strict=True):
+        name = os.path.basename(os.path.normpath(source))
+        rel = os.path.relpath(os.path.join(parent, name), common)
+        try:
+            entry = Entry(rel, os.lstat(os.path.join(plan.roots[0], rel)), out=name)
+        except OSError as exc:
+            raise UserError(f"{source}: {exc.strerror}") from None
+        (plan.files if entry.is_file else plan.others).append(entry)
+    plan.files.sort(key=lambda e: e.st.st_ino)
     return plan

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.mounting import BACKUPFS, run_cli
+from tests.support.mounting import BACKUPFS, run_cli, sha256_file
 
 MiB = 1 << 20
 
@@ -175,6 +175,39 @@ def test_non_empty_destination_is_refused(tmp_path: Path) -> None:
     assert (dest / "a").read_text() == "old"
     assert _restore("--overwrite", str(source), str(dest)).returncode == 0
     assert (dest / "a").read_text() == "new"
+
+
+def test_several_sources_land_in_dest_by_name(tmp_path: Path) -> None:
+    src, dest = tmp_path / "src", tmp_path / "dest"
+    (src / "a/deep").mkdir(parents=True)
+    (src / "b").mkdir()
+    (src / "a/deep/one").write_bytes(os.urandom(5000))
+    (src / "b/two").write_bytes(os.urandom(3 * MiB))
+    (src / "b/dir").mkdir()
+    (src / "b/dir/three").write_text("3")
+    os.symlink("one", src / "a/deep/link")
+    sources = [src / "a/deep/one", src / "b/two", src / "b/dir", src / "a/deep/link"]
+    result = _restore("--json", *map(str, sources), str(dest))
+    assert result.returncode == 0, result.stderr
+    assert sorted(os.listdir(dest)) == ["dir", "link", "one", "two"]
+    for name, original in (("one", src / "a/deep/one"), ("two", src / "b/two")):
+        assert sha256_file(dest / name) == sha256_file(original)
+    assert (dest / "dir/three").read_text() == "3" and os.readlink(dest / "link") == "one"
+    assert json.loads(result.stdout)["files"] == 3
+
+
+def test_two_sources_with_one_name_are_refused(tmp_path: Path) -> None:
+    (tmp_path / "x").mkdir()
+    (tmp_path / "y").mkdir()
+    (tmp_path / "x/f").write_text("x")
+    (tmp_path / "y/f").write_text("y")
+    dest = tmp_path / "dest"
+    result = _restore(str(tmp_path / "x/f"), str(tmp_path / "y/f"), str(dest))
+    assert result.returncode == 1
+    assert result.stderr == (
+        f"backupfs: two sources are named f: both would be restored to {dest}/f\n"
+    )
+    assert not dest.exists()
 
 
 def test_full_disk_reports_failures_and_leaves_no_partial_files(tmp_path: Path) -> None:
