@@ -272,7 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--block-size",
         default=str(DEFAULT_BLOCK_SIZE),
-        help="digest block size for newly hashed images (default 256K)",
+        help="digest block size for newly hashed images (default 64K)",
     )
     p.set_defaults(func=cmd_index)
 

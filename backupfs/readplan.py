@@ -22,7 +22,7 @@ from backupfs.mounts import read_mounts
 from backupfs.plan_channel import RANGES_PER_MESSAGE, encode, socket_address
 
 log = logging.getLogger(__name__)
-MERGE_GAP_BYTES = 256 << 10  # read across gaps this small: one request beats two
+MERGE_GAP_BYTES = 64 << 10  # read across gaps this small: one request beats two
 
 
 @dataclass(frozen=True)

@@ -20,20 +20,21 @@ from pathlib import Path
 from common import LINK_HELP, cpu_seconds, link_url, peak_rss_mib
 
 from backupfs.indexer import index_store
+from backupfs.options import parse_size
 from tests.support.mounting import mounted
 from tests.support.nginx import Nginx
 
 IMAGE = "bench/2026-01-01T0000Z/disk0.img"
 
 
-def make_store(root: Path, size_mib: int) -> None:
+def make_store(root: Path, size_mib: int, block_size: int) -> None:
     path = root / IMAGE
     if not path.exists() or path.stat().st_size != size_mib << 20:
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(path, "wb") as f:
             for _ in range(size_mib // 16):
                 f.write(os.urandom(16 << 20))
-    index_store(root, say=lambda _: None)
+    index_store(root, block_size, say=lambda _: None)
 
 
 def curl_mbps(url: str) -> float:
@@ -71,11 +72,13 @@ def main() -> None:
     parser.add_argument("--size-mib", type=int, default=1024)
     parser.add_argument("--work", default=str(Path(__file__).parent / "out"))
     parser.add_argument("-o", action="append", default=[], help="extra mount options")
+    parser.add_argument("--block-size", default="256K", help="the store's digest block size")
     args = parser.parse_args()
 
     work = Path(args.work)
-    store = work / "store"
-    make_store(store, args.size_mib)
+    block_size = parse_size(args.block_size, "--block-size")
+    store = work / f"store-{args.block_size}"
+    make_store(store, args.size_mib, block_size)
     options = ",".join(args.o).split(",") if args.o else []
     rows = []
     with Nginx(store, work / "nginx") as nginx, tempfile.TemporaryDirectory() as tmp:
@@ -101,7 +104,7 @@ def main() -> None:
             )
 
     print(f"\n1 GiB image, dd bs=1M through the mount vs curl; median of {args.runs} cold runs")
-    print(f"mount options: {','.join(options) or '(defaults)'}")
+    print(f"store block size {args.block_size}; mount options: {','.join(options) or '(defaults)'}")
     print("link: direct = nginx on loopback; RTT_MS[@MBIT] = delaying proxy (RTT, link cap)")
     print("RSS: the daemon's peak; CPU: daemon CPU time / wall time during dd (2 cores here)")
     print(

@@ -494,7 +494,7 @@ def parse_args() -> argparse.Namespace:
         args.links = args.links or "20"
     args.big_mib = args.big_mib or 1024
     args.links = args.links or "direct,20,20@400"
-    args.work = args.work or OUT / ("suite-quick" if args.quick else "suite")
+    args.work = (args.work or OUT / ("suite-quick" if args.quick else "suite")).resolve()
     return args
 
 

@@ -4,11 +4,12 @@ import json
 from pathlib import Path
 from typing import Any
 
+from backupfs.indexer import DEFAULT_BLOCK_SIZE
 from tests.integration.conftest import SMALL, Store
 from tests.support.mounting import mounted, run_cli, sha256_file
 
-DISK = next(iter(SMALL))  # 3 MiB + 1 byte: 13 blocks of 256 KiB
-BLOCK = 256 << 10
+DISK = next(iter(SMALL))  # 3 MiB + 1 byte: the last block is 1 byte
+BLOCK = DEFAULT_BLOCK_SIZE
 
 
 def _stats(mnt: Path) -> dict[str, Any]:

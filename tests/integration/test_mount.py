@@ -233,7 +233,7 @@ def test_block_size_option(store: Store, mnt: Path) -> None:
             offset, size = rng.randrange(0, BIG_SIZE), rng.choice([100, 70_000, 3 << 20])
             assert os.pread(f.fileno(), size, offset) == os.pread(src.fileno(), size, offset)
     assert _mount_error(store.url, mnt, "-o", "block_size=100K") == (
-        f"block_size=102400 is not a multiple of the store's block size (262144) for {BIG}"
+        f"block_size=102400 is not a multiple of the store's block size (65536) for {BIG}"
     )
 
 
