@@ -158,7 +158,14 @@ def cmd_restore(args: argparse.Namespace) -> int:
         progress=sys.stderr.isatty() and not args.json,
         read_plan=not args.no_plan,
     )
-    out = restore(args.sources, args.dest, opts)
+    listed = None
+    if args.files_from is not None:
+        try:
+            with sys.stdin if args.files_from == "-" else open(args.files_from) as f:
+                listed = [line.rstrip("\n") for line in f if line.strip()]
+        except OSError as exc:
+            raise UserError(f"cannot read --files-from {args.files_from}: {exc.strerror}") from None
+    out = restore(args.sources, args.dest, opts, listed)
     if args.json:
         json.dump(out.summary(), sys.stdout, indent=1)
         print()
@@ -331,6 +338,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="parallel readers (default: 4, or one per loop clone if more)",
     )
     p.add_argument("--no-flush", action="store_true", help="skip the final syncfs")
+    p.add_argument(
+        "--files-from",
+        metavar="FILE",
+        help="restore the paths listed in FILE (relative to the one SRC; - for stdin) "
+        "at the same relative paths under DEST",
+    )
     p.add_argument(
         "--no-plan",
         action="store_true",

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from backupfs import copying, readplan
 from backupfs.durability import FlushResult, Target, flush_target
 from backupfs.errors import UserError
-from backupfs.restore_plan import Entry, SourcePlan, walk, walk_files
+from backupfs.restore_plan import Entry, SourcePlan, walk, walk_files, walk_listed
 
 SMALL_FILE_BYTES = 1 << 20
 BATCH_BYTES = 4 << 20
@@ -311,9 +311,18 @@ def _plans(sources: list[str], dest: str) -> list[SourcePlan]:
     return plans + ([walk_files(files, dest)] if files else [])
 
 
-def restore(sources: list[str], dest: str, opts: RestoreOptions) -> Outcome:
+def restore(
+    sources: list[str], dest: str, opts: RestoreOptions, listed: list[str] | None = None
+) -> Outcome:
+    """`listed`: paths relative to the one SRC (`--files-from`), restored at the same
+    relative paths under DEST."""
     dest = os.path.abspath(dest)
-    plans = _plans(sources, dest)
+    if listed is not None:
+        if len(sources) != 1 or not os.path.isdir(sources[0]):
+            raise UserError("--files-from takes exactly one SRC, a directory")
+        plans = [walk_listed(sources[0], listed, dest)]
+    else:
+        plans = _plans(sources, dest)
     resuming = [_check_dest(p.dest, opts.existing) for p in plans]
     out = Outcome(total_files=sum(len(p.files) for p in plans),
                   total_bytes=sum(p.total_bytes for p in plans))  # fmt: skip

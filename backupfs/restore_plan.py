@@ -77,10 +77,46 @@ def walk(source: str, dest: str) -> SourcePlan:
     else:
         name = os.path.basename(roots[0])
         plan, start = SourcePlan([os.path.dirname(r) for r in roots], dest), Entry(name, top)
+    return _descend(plan, [start])
+
+
+def _lstat(plan: SourcePlan, rel: str, shown: str) -> os.stat_result:
+    try:
+        return os.lstat(os.path.join(plan.roots[0], rel))
+    except OSError as exc:
+        raise UserError(f"{shown}: {exc.strerror}") from None
+
+
+def walk_listed(source: str, rels: list[str], dest: str) -> SourcePlan:
+    """The paths `rels` under the directory `source` (directories with all they hold),
+    restored at the same relative paths under `dest`, like `rsync -a --files-from`: the
+    directories on the way are restored too, with their metadata, but not their other
+    contents."""
+    plan = SourcePlan(clone_roots(source), dest)
+    starts, implied = [], set()
+    for line in dict.fromkeys(rels):  # once each, in the order given
+        rel = os.path.normpath(line.strip("/"))  # a leading / means SOURCE, as for rsync
+        if rel in (".", "") or rel.startswith("../") or rel == "..":
+            raise UserError(f"--files-from: {line!r} is not a path inside {source}")
+        parent = os.path.dirname(rel)
+        while parent and parent not in implied:
+            implied.add(parent)
+            plan.dirs.append(Entry(parent, _lstat(plan, parent, os.path.join(source, parent))))
+            parent = os.path.dirname(parent)
+        starts.append(Entry(rel, _lstat(plan, rel, os.path.join(source, rel))))
+    return _descend(plan, starts)
+
+
+def _descend(plan: SourcePlan, starts: list[Entry]) -> SourcePlan:
+    roots = plan.roots
     first_of: dict[tuple[int, int], str] = {}
-    stack = [start]
+    stack = list(reversed(starts))
+    seen: set[str] = set()  # a listed path may also lie under a listed directory
     while stack:
         entry = stack.pop()
+        if entry.rel in seen:
+            continue
+        seen.add(entry.rel)
         if entry.is_dir:
             plan.dirs.append(entry)
             path = os.path.join(roots[0], entry.rel)

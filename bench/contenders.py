@@ -85,8 +85,7 @@ def _syncfs(path: Path) -> Cmd:
 
 class Backupfs(Contender):
     """`backupfs mount` + `backupfs attach` (defaults: 4 loop clones), copies with `backupfs
-    restore` (durable: one syncfs at the end). W3 runs one restore per batch of files with
-    distinct names, since several SRCs land in DEST/<name>."""
+    restore` (durable: one syncfs at the end); W3 with `--files-from`."""
 
     needs = ("fusermount3", "losetup", "sfdisk", "blkid")
 
@@ -142,31 +141,12 @@ class Backupfs(Contender):
     def copy_files(
         self, root: Path, rels: list[str], dest: Path
     ) -> tuple[list[Cmd], Callable[[], dict[str, Path]]]:
-        """One restore per batch of files with distinct names, into dest/batch-K: with
-        several SRCs each lands under DEST/<name>, so equal names cannot share a DEST."""
-        batches: list[dict[str, str]] = []  # name -> rel
-        for rel in rels:
-            name = Path(rel).name
-            batch = next((b for b in batches if name not in b), None)
-            if batch is None:
-                batch = {}
-                batches.append(batch)
-            batch[name] = rel
-        cmds = [
-            self._restore([str(root / rel) for rel in batch.values()], dest / f"batch-{k}")
-            for k, batch in enumerate(batches)
-        ]
-
-        def where() -> dict[str, Path]:
-            found = {}
-            for k, batch in enumerate(batches):
-                for name, rel in batch.items():
-                    path = dest / f"batch-{k}" / name
-                    # backupfs 0.1 puts a file SRC given with others at DEST/<name>/<name>
-                    found[rel] = path / name if path.is_dir() else path
-            return found
-
-        return cmds, where
+        """`backupfs restore --files-from`, like `cp --parents` or `rsync --files-from`."""
+        listing = dest.parent / f"{dest.name}.files"
+        listing.write_text("".join(f"{rel}\n" for rel in rels))
+        cmd = Cmd([*BACKUPFS, "restore", *self.restore_args, "--files-from", str(listing),
+                   str(root), str(dest)])  # fmt: skip
+        return [cmd], lambda: {rel: dest / rel for rel in rels}
 
 
 # --------------------------------------------------------------------------------------------

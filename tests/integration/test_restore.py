@@ -196,6 +196,31 @@ def test_several_sources_land_in_dest_by_name(tmp_path: Path) -> None:
     assert json.loads(result.stdout)["files"] == 3
 
 
+def test_files_from_keeps_relative_paths(tmp_path: Path) -> None:
+    src, dest = tmp_path / "src", tmp_path / "dest"
+    for rel in ("usr/share/doc/a/copyright", "usr/share/doc/b/copyright", "etc/x/y/z", "etc/q"):
+        (src / rel).parent.mkdir(parents=True, exist_ok=True)
+        (src / rel).write_bytes(os.urandom(len(rel) * 1000))
+    os.chmod(src / "usr/share/doc/a", 0o751)
+    listing_file = tmp_path / "list"
+    listing_file.write_text(
+        "usr/share/doc/a/copyright\n/usr/share/doc/b/copyright\netc/x\netc/x/y/z\n\n"
+    )
+    result = _restore("--json", "--files-from", str(listing_file), str(src), str(dest))
+    assert result.returncode == 0, result.stderr
+    got = sorted(str(p.relative_to(dest)) for p in dest.rglob("*") if p.is_file())
+    assert got == ["etc/x/y/z", "usr/share/doc/a/copyright", "usr/share/doc/b/copyright"]
+    for rel in got:
+        assert sha256_file(dest / rel) == sha256_file(src / rel)
+    assert stat.S_IMODE(os.stat(dest / "usr/share/doc/a").st_mode) == 0o751
+    assert json.loads(result.stdout)["files"] == 3
+
+    listing_file.write_text("../outside\n")
+    escape = _restore("--files-from", str(listing_file), str(src), str(tmp_path / "d2"))
+    assert escape.returncode == 1
+    assert escape.stderr == (f"backupfs: --files-from: '../outside' is not a path inside {src}\n")
+
+
 def test_two_sources_with_one_name_are_refused(tmp_path: Path) -> None:
     (tmp_path / "x").mkdir()
     (tmp_path / "y").mkdir()
