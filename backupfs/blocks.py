@@ -33,6 +33,30 @@ class _Pending:
         self.error: Exception | None = None
 
 
+class PlanCursor:
+    """How far the readers of one read plan got: the plan position (bytes of the plan up
+    to the end of a range) of the furthest planned block served so far."""
+
+    def __init__(self) -> None:
+        self.position = 0
+        self.moved = trio.Event()  # replaced each time the position advances
+
+    def advance(self, position: int) -> None:
+        if position > self.position:
+            self.position = position
+            self.moved.set()
+            self.moved = trio.Event()
+
+
+class _Planned:
+    __slots__ = ("left", "cursor", "position")
+
+    def __init__(self, left: int, cursor: PlanCursor, position: int) -> None:
+        self.left = left  # planned bytes of the block not served yet
+        self.cursor = cursor
+        self.position = position
+
+
 class BlockReader:
     def __init__(
         self,
@@ -53,9 +77,7 @@ class BlockReader:
         self.disk = disk  # verified blocks on local disk, keyed by content digest
         # Read plans: bytes of each planned block not yet served. A block is dropped from
         # the cache once all its planned bytes were read (the kernel's page cache has them).
-        self._planned: dict[BlockKey, int] = {}
-        self.plan_consumed_bytes = 0
-        self.plan_consumed = trio.Event()  # replaced each time planned bytes are served
+        self._planned: dict[BlockKey, _Planned] = {}
         # Blocks a plan or `warm` asked for: reading them says nothing about what comes
         # next, so it does not drive readahead. Bounded like a cache, as a set of keys.
         self._hinted: LRUCache[BlockKey, None] = LRUCache(maxsize=hinted_blocks)
@@ -90,41 +112,41 @@ class BlockReader:
             self._hinted[(image.image_id, n)] = None
         self._start_fetches(image, block_nos)
 
-    def plan(self, image: Image, start: int, end: int) -> None:
-        """Prefetch `[start, end)` for a read plan; see `_consume_planned`."""
+    def plan(self, image: Image, start: int, end: int, cursor: PlanCursor, position: int) -> None:
+        """Prefetch `[start, end)`, which ends at `position` of the plan read by `cursor`'s
+        readers; see `_consume_planned`."""
         bs = image.block_size
         block_nos = block_range(start, end - start, bs, image.size_bytes)
         for n in block_nos:
             lo, hi = block_span(n, bs, image.size_bytes)
             key = (image.image_id, n)
-            self._planned[key] = self._planned.get(key, 0) + min(end, hi) - max(start, lo)
+            planned = self._planned.get(key)
+            if planned is None:
+                self._planned[key] = _Planned(min(end, hi) - max(start, lo), cursor, position)
+            else:
+                planned.left += min(end, hi) - max(start, lo)
         self.stats.plan_bytes += end - start
         self._start_fetches(image, block_nos)
 
     def _consume_planned(self, image: Image, start: int, end: int) -> None:
+        """Serving planned bytes moves their plan's cursor; a block whose planned bytes
+        were all served leaves the cache (the kernel's page cache has them now)."""
         bs = image.block_size
-        served = 0
         for n in block_range(start, end - start, bs, image.size_bytes):
             key = (image.image_id, n)
-            left = self._planned.get(key)
-            if left is None:
+            planned = self._planned.get(key)
+            if planned is None:
                 continue
+            planned.cursor.advance(planned.position)
             lo, hi = block_span(n, bs, image.size_bytes)
-            overlap = min(end, hi) - max(start, lo)
-            served += min(overlap, left)
-            if left <= overlap:
+            planned.left -= min(end, hi) - max(start, lo)
+            if planned.left <= 0:
                 del self._planned[key]
                 self.cache.discard(key)
-            else:
-                self._planned[key] = left - overlap
-        if served:
-            self.plan_consumed_bytes += served
-            self.plan_consumed.set()
-            self.plan_consumed = trio.Event()
 
-    def forget_plan(self, image: Image) -> None:
+    def forget_plan(self, cursor: PlanCursor) -> None:
         """A plan ended (its client went away): its blocks age out of the cache normally."""
-        for key in [k for k in self._planned if k[0] == image.image_id]:
+        for key in [k for k, p in self._planned.items() if p.cursor is cursor]:
             del self._planned[key]
 
     async def fetched(self, image: Image, start: int, end: int) -> None:

@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator
 
 import trio
 
-from backupfs.blocks import BlockReader
+from backupfs.blocks import BlockReader, PlanCursor
 from backupfs.errors import FetchError, StoreError
 from backupfs.plan_channel import MAX_LINE_BYTES, encode, socket_address
 from backupfs.remote import Image, StoreClient
@@ -132,27 +132,29 @@ class PlanServer:
 
     async def _restore(self, image: Image, messages: AsyncIterator[dict[str, object]]) -> None:
         ranges: list[Range] = []
+        cursor = PlanCursor()
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._prefetch_ahead, image, ranges)
+                nursery.start_soon(self._prefetch_ahead, image, ranges, cursor)
                 async for message in messages:
                     ranges.extend(self._ranges(message, image))
                 nursery.cancel_scope.cancel()  # the client closed: the restore is over
         finally:
-            self.reader.forget_plan(image)
+            self.reader.forget_plan(cursor)
 
-    async def _prefetch_ahead(self, image: Image, ranges: list[Range]) -> None:
-        consumed_at_start = self.reader.plan_consumed_bytes
+    async def _prefetch_ahead(self, image: Image, ranges: list[Range], cursor: PlanCursor) -> None:
+        """Keep the plan fetched up to `ahead_bytes` past the furthest reader. Positions,
+        not bytes served, measure progress: bytes merged in across small gaps are never
+        read, and bytes the page cache already holds are never served."""
         planned, i = 0, 0
         while True:
-            consumed = self.reader.plan_consumed_bytes - consumed_at_start
-            while i < len(ranges) and planned < consumed + self.ahead_bytes:
+            while i < len(ranges) and planned < cursor.position + self.ahead_bytes:
                 start, end = ranges[i]
-                self.reader.plan(image, start, end)
                 planned += end - start
+                self.reader.plan(image, start, end, cursor, planned)
                 i += 1
             with trio.move_on_after(_POLL_S):  # new ranges arrive without an event
-                await self.reader.plan_consumed.wait()
+                await cursor.moved.wait()
 
     async def _warm(
         self,

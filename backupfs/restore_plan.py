@@ -6,10 +6,13 @@ loop clone of its partition; readers are spread over those roots.
 
 import os
 import stat
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 
 from backupfs import attach_state
 from backupfs.errors import UserError
+
+SCAN_THREADS = 8
 
 
 @dataclass(frozen=True)
@@ -107,8 +110,47 @@ def walk_listed(source: str, rels: list[str], dest: str) -> SourcePlan:
     return _descend(plan, starts)
 
 
+def _scan(root: str, rel: str) -> list[Entry]:
+    """A directory's entries with their lstat, sorted by name."""
+    with os.scandir(os.path.join(root, rel)) as it:
+        children = sorted(it, key=lambda d: d.name)
+    return [Entry(os.path.join(rel, c.name), c.stat(follow_symlinks=False)) for c in children]
+
+
+def _scan_all(roots: list[str], starts: list[Entry]) -> dict[str, list[Entry]]:
+    """Every directory under `starts`, scanned by parallel threads spread over the clones:
+    each lstat may wait for a fetch, and many waits in flight hide the round trips."""
+    found: dict[str, list[Entry]] = {}
+    with ThreadPoolExecutor(SCAN_THREADS) as pool:
+        todo: dict[Future[list[Entry]], str] = {}
+        turn = 0
+
+        def submit(rel: str) -> None:
+            nonlocal turn
+            todo[pool.submit(_scan, roots[turn % len(roots)], rel)] = rel
+            turn += 1
+
+        for entry in starts:
+            if entry.is_dir:
+                submit(entry.rel)
+        while todo:
+            done, _ = wait(todo, return_when=FIRST_COMPLETED)
+            for future in done:
+                rel = todo.pop(future)
+                found[rel] = future.result()
+                for child in found[rel]:
+                    if child.is_dir:
+                        submit(child.rel)
+    return found
+
+
 def _descend(plan: SourcePlan, starts: list[Entry]) -> SourcePlan:
-    roots = plan.roots
+    try:
+        scanned = _scan_all(plan.roots, starts)
+    except OSError as exc:
+        raise UserError(f"{exc.filename}: {exc.strerror}") from None
+    # Clones are one filesystem on several devices: hard links are found by clone 0's device.
+    devices = {os.stat(root).st_dev: os.stat(plan.roots[0]).st_dev for root in plan.roots}
     first_of: dict[tuple[int, int], str] = {}
     stack = list(reversed(starts))
     seen: set[str] = set()  # a listed path may also lie under a listed directory
@@ -119,14 +161,9 @@ def _descend(plan: SourcePlan, starts: list[Entry]) -> SourcePlan:
         seen.add(entry.rel)
         if entry.is_dir:
             plan.dirs.append(entry)
-            path = os.path.join(roots[0], entry.rel)
-            with os.scandir(path) as it:
-                children = sorted(it, key=lambda d: d.name)
-            for child in children:
-                child_st = child.stat(follow_symlinks=False)
-                stack.append(Entry(os.path.join(entry.rel, child.name), child_st))
+            stack.extend(scanned[entry.rel])
         elif entry.is_file and entry.st.st_nlink > 1:
-            key = (entry.st.st_dev, entry.st.st_ino)
+            key = (devices.get(entry.st.st_dev, entry.st.st_dev), entry.st.st_ino)
             if key in first_of:
                 plan.links.append((entry, first_of[key]))
             else:
