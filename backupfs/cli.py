@@ -185,6 +185,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
 
 def cmd_warm(args: argparse.Namespace) -> int:
     from backupfs import readplan
+    from backupfs.restore_plan import scan_paths
 
     sources = []
     for path in args.paths:
@@ -206,7 +207,9 @@ def cmd_warm(args: argparse.Namespace) -> int:
 
     fetched_all = 0
     for source, path in sources:
-        fetched, _, error = readplan.warm(source, readplan.subtree(path), progress)
+        is_dir = os.path.isdir(path)
+        paths = scan_paths(path, files=not args.metadata) if is_dir else [path]
+        fetched, _, error = readplan.warm(source, paths, progress)
         fetched_all += fetched
         if tty:
             sys.stderr.write("\n")
@@ -365,6 +368,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("warm", help="fetch the data under PATH (in an attachment) into the cache")
     p.add_argument("paths", nargs="+", metavar="PATH")
+    p.add_argument(
+        "--metadata",
+        action="store_true",
+        help="only directories and inodes (before ls -lR, find, du), not file contents",
+    )
     p.set_defaults(func=cmd_warm)
 
     p = sub.add_parser("flush", help="make files under PATH durable (after cp or rsync)")

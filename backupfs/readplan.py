@@ -147,15 +147,6 @@ def start_restore_plan(root: str, files: list[tuple[str, int]]) -> RestorePlan |
     return RestorePlan(session, image_ranges(source, files))
 
 
-def subtree(path: str) -> list[str]:
-    """`path` and, for a directory, every directory and regular file below it."""
-    out = [path]
-    for top, dirs, files in os.walk(path):
-        out.extend(os.path.join(top, d) for d in dirs)
-        out.extend(f for f in (os.path.join(top, n) for n in files) if os.path.isfile(f))
-    return out
-
-
 def warm(
     source: ImageSource, paths: list[str], on_progress: Callable[[int, int], None]
 ) -> tuple[int, int, str | None]:

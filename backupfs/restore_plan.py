@@ -144,6 +144,20 @@ def _scan_all(roots: list[str], starts: list[Entry]) -> dict[str, list[Entry]]:
     return found
 
 
+def scan_paths(source: str, files: bool) -> list[str]:
+    """`source` and every directory (and with `files`, regular file) below it, as paths on
+    clone 0; scanned as the restore walk is, so the scan itself warms the metadata."""
+    roots = clone_roots(source)
+    top = Entry("", os.lstat(roots[0]))
+    try:
+        scanned = _scan_all(roots, [top])
+    except OSError as exc:
+        raise UserError(f"{exc.filename}: {exc.strerror}") from None
+    wanted = [e.rel for children in scanned.values() for e in children
+              if e.is_dir or (files and e.is_file)]  # fmt: skip
+    return [roots[0]] + [os.path.join(roots[0], rel) for rel in wanted]
+
+
 def _descend(plan: SourcePlan, starts: list[Entry]) -> SourcePlan:
     try:
         scanned = _scan_all(plan.roots, starts)

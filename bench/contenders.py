@@ -59,6 +59,10 @@ class Contender:
         """Make partition 1 of `url + image` readable; register every undo step on `stack`."""
         raise NotImplementedError
 
+    def before_scan(self, root: Path, metadata_only: bool) -> list[Cmd]:
+        """Commands run before W4 (grep, all data) and W5 (ls -lR, metadata only)."""
+        return []
+
     # How files are copied out: commands, run in order. Results: the file lands in
     # dest_dir/src.name; the tree becomes dest; copy_files says where each file went.
     def copy_file(self, src: Path, dest_dir: Path) -> list[Cmd]:
@@ -95,8 +99,10 @@ class Backupfs(Contender):
         mount_options: tuple[str, ...] = (),
         attach_args: tuple[str, ...] = (),
         restore_args: tuple[str, ...] = (),
+        warm: bool = False,
     ) -> None:
         self.name = name
+        self.warm = warm  # `backupfs warm` before W4 and W5
         self.mount_options = mount_options
         self.attach_args = attach_args
         self.restore_args = restore_args
@@ -109,6 +115,7 @@ class Backupfs(Contender):
                 ["backupfs mount", *opts, "URL MNT"],
                 ["backupfs attach", *self.attach_args, "MNT/IMAGE TARGET"],
                 ["backupfs restore", *self.restore_args, "SRC... DEST"],
+                *([["backupfs warm [--metadata] TARGET/p1 before W4 [W5]"]] if self.warm else []),
             )
         )
 
@@ -128,6 +135,11 @@ class Backupfs(Contender):
     @staticmethod
     def _detach(target: Path, env: dict[str, str]) -> None:
         run_logged([*BACKUPFS, "detach", str(target)], timeout=600, env=env)
+
+    def before_scan(self, root: Path, metadata_only: bool) -> list[Cmd]:
+        if not self.warm:
+            return []
+        return [Cmd([*BACKUPFS, "warm", *(["--metadata"] if metadata_only else []), str(root)])]
 
     def _restore(self, srcs: list[str], dest: Path) -> Cmd:
         return Cmd([*BACKUPFS, "restore", *self.restore_args, *srcs, str(dest)])
@@ -428,6 +440,8 @@ CONTENDERS: dict[str, Contender] = {
         Nbdfuse(),
         # variants, run only when named in --contenders (or added to DEFAULT)
         Backupfs("backupfs-noplan", restore_args=("--no-plan",)),  # plain readahead only
+        # `backupfs warm` (--metadata for W5) before W4/W5; a cache that holds the tree
+        Backupfs("backupfs+warm", mount_options=("cache_size=1536M",), warm=True),
         Rclone("rclone-off", cache_mode="off"),
     ]
 }

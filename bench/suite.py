@@ -112,6 +112,7 @@ def w3_restore_sample(c: Contender, o: Opened, dest: Path, ds: Dataset, timeout_
 
 
 def w4_grep(c: Contender, o: Opened, dest: Path, ds: Dataset, timeout_s: float) -> Check:
+    run_cmds(c.before_scan(o.root, metadata_only=False), o.env, timeout_s)
     proc = run_grep(o.root, timeout_s)
 
     def check() -> str | None:
@@ -127,6 +128,7 @@ def w4_grep(c: Contender, o: Opened, dest: Path, ds: Dataset, timeout_s: float) 
 
 
 def w5_ls(c: Contender, o: Opened, dest: Path, ds: Dataset, timeout_s: float) -> Check:
+    run_cmds(c.before_scan(o.root, metadata_only=True), o.env, timeout_s)
     proc = run_ls(o.root, timeout_s)
 
     def check() -> str | None:
