@@ -72,7 +72,7 @@ def main() -> None:
     parser.add_argument("--size-mib", type=int, default=1024)
     parser.add_argument("--work", default=str(Path(__file__).parent / "out"))
     parser.add_argument("-o", action="append", default=[], help="extra mount options")
-    parser.add_argument("--block-size", default="256K", help="the store's digest block size")
+    parser.add_argument("--block-size", default="64K", help="the store's digest block size")
     args = parser.parse_args()
 
     work = Path(args.work)
