@@ -223,23 +223,15 @@ def make_big_file(path: Path, size_mib: int) -> str:
 # images and store
 
 
+def _du(root: Path, flag: str) -> int:
+    out = subprocess.run(["du", "-s", flag, str(root)], capture_output=True, text=True,
+                         check=True, timeout=3600).stdout  # fmt: skip
+    return int(out.split()[0])
+
+
 def _disk_usage(root: Path) -> tuple[int, int]:
     """Bytes of disk used by the tree, and its number of inodes."""
-    used = subprocess.run(
-        ["du", "-s", "--block-size=1", str(root)],
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=3600,
-    ).stdout.split()[0]
-    inodes = subprocess.run(
-        ["du", "-s", "--inodes", str(root)],
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=3600,
-    ).stdout.split()[0]
-    return int(used), int(inodes)
+    return _du(root, "--block-size=1"), _du(root, "--inodes")
 
 
 def ext4_size_mib(root: Path) -> int:
