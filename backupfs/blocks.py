@@ -90,8 +90,10 @@ class BlockReader:
             return b""
         blocks = [self.cache.get((image.image_id, n)) for n in needed]
         self._start_fetches(image, [n for n, b in zip(needed, blocks, strict=True) if b is None])
-        keys = [(image.image_id, n) for n in needed]
-        hinted = all(k in self._planned or k in self._hinted for k in keys)
+        hinted = (self._planned or self._hinted) and all(
+            (image.image_id, n) in self._planned or (image.image_id, n) in self._hinted
+            for n in needed
+        )
         ahead = None if hinted else tracker.on_read(offset, size)
         if ahead is not None:
             start, end = ahead
@@ -152,15 +154,7 @@ class BlockReader:
     async def fetched(self, image: Image, start: int, end: int) -> None:
         """Return once `[start, end)` is in the cache (fetching what is not); FetchError."""
         for n in block_range(start, end - start, image.block_size, image.size_bytes):
-            key = (image.image_id, n)
-            if key in self.cache:
-                continue
-            if key not in self._pending:
-                self._start_fetches(image, [n])
-            pending = self._pending[key]
-            await pending.done.wait()
-            if pending.error is not None:
-                raise pending.error
+            await self._wait(image, n)
 
     def _start_fetches(self, image: Image, block_nos: range | list[int]) -> None:
         todo = [
@@ -177,8 +171,8 @@ class BlockReader:
     async def _wait(self, image: Image, block_no: int) -> bytes:
         key = (image.image_id, block_no)
         pending = self._pending.get(key)
-        if pending is None:
-            block = self.cache.get(key)
+        if pending is None:  # fetched since read() counted its miss, or never started
+            block = self.cache.peek(key)
             if block is not None:
                 return block
             self._start_fetches(image, [block_no])

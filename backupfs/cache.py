@@ -20,6 +20,10 @@ class BlockCache:
             self.stats.cache_hits += 1
         return block
 
+    def peek(self, key: Hashable) -> bytes | None:
+        """The block, without counting a hit or a miss (the read already counted it)."""
+        return self._lru.get(key)
+
     def __contains__(self, key: Hashable) -> bool:
         return key in self._lru
 

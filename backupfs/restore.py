@@ -303,11 +303,9 @@ def _plans(sources: list[str], dest: str) -> list[SourcePlan]:
             raise UserError(f"two sources are named {name}: both would be restored to "
                             f"{os.path.join(dest, name)}")  # fmt: skip
     dirs = [s for s in sources if os.path.isdir(s) and not os.path.islink(s)]
-    files = [s for s in sources if s not in dirs]
-    for source in files:
-        if not os.path.lexists(source):
-            raise UserError(f"{source}: no such file or directory")
-    plans = [walk(s, os.path.join(dest, os.path.basename(os.path.normpath(s)))) for s in dirs]
+    files = [s for s in sources if s not in dirs]  # missing ones fail in walk_files
+    named = zip(sources, names, strict=True)
+    plans = [walk(s, os.path.join(dest, name)) for s, name in named if s in dirs]
     return plans + ([walk_files(files, dest)] if files else [])
 
 

@@ -137,7 +137,10 @@ def _scan_all(roots: list[str], starts: list[Entry]) -> dict[str, list[Entry]]:
             done, _ = wait(todo, return_when=FIRST_COMPLETED)
             for future in done:
                 rel = todo.pop(future)
-                found[rel] = future.result()
+                try:
+                    found[rel] = future.result()
+                except OSError as exc:
+                    raise UserError(f"{exc.filename}: {exc.strerror}") from None
                 for child in found[rel]:
                     if child.is_dir:
                         submit(child.rel)
@@ -148,21 +151,14 @@ def scan_paths(source: str, files: bool) -> list[str]:
     """`source` and every directory (and with `files`, regular file) below it, as paths on
     clone 0; scanned as the restore walk is, so the scan itself warms the metadata."""
     roots = clone_roots(source)
-    top = Entry("", os.lstat(roots[0]))
-    try:
-        scanned = _scan_all(roots, [top])
-    except OSError as exc:
-        raise UserError(f"{exc.filename}: {exc.strerror}") from None
+    scanned = _scan_all(roots, [Entry("", os.lstat(roots[0]))])
     wanted = [e.rel for children in scanned.values() for e in children
               if e.is_dir or (files and e.is_file)]  # fmt: skip
     return [roots[0]] + [os.path.join(roots[0], rel) for rel in wanted]
 
 
 def _descend(plan: SourcePlan, starts: list[Entry]) -> SourcePlan:
-    try:
-        scanned = _scan_all(plan.roots, starts)
-    except OSError as exc:
-        raise UserError(f"{exc.filename}: {exc.strerror}") from None
+    scanned = _scan_all(plan.roots, starts)
     # Clones are one filesystem on several devices: hard links are found by clone 0's device.
     devices = {os.stat(root).st_dev: os.stat(plan.roots[0]).st_dev for root in plan.roots}
     first_of: dict[tuple[int, int], str] = {}
@@ -200,10 +196,7 @@ def walk_files(sources: list[str], dest: str) -> SourcePlan:
     for source, parent in zip(sources, real, strict=True):
         name = os.path.basename(os.path.normpath(source))
         rel = os.path.relpath(os.path.join(parent, name), common)
-        try:
-            entry = Entry(rel, os.lstat(os.path.join(plan.roots[0], rel)), out=name)
-        except OSError as exc:
-            raise UserError(f"{source}: {exc.strerror}") from None
+        entry = Entry(rel, _lstat(plan, rel, source), out=name)
         (plan.files if entry.is_file else plan.others).append(entry)
     plan.files.sort(key=lambda e: e.st.st_ino)
     return plan

@@ -1,19 +1,13 @@
 """The persistent block cache (`-o cache_dir=`) across real mounts."""
 
-import json
 from pathlib import Path
-from typing import Any
 
 from backupfs.indexer import DEFAULT_BLOCK_SIZE
 from tests.integration.conftest import SMALL, Store
-from tests.support.mounting import mounted, run_cli, sha256_file
+from tests.support.mounting import mounted, read_stats, run_cli, sha256_file
 
 DISK = next(iter(SMALL))  # 3 MiB + 1 byte: the last block is 1 byte
 BLOCK = DEFAULT_BLOCK_SIZE
-
-
-def _stats(mnt: Path) -> dict[str, Any]:
-    return json.loads((mnt / ".backupfs" / "stats").read_text())
 
 
 def _entries(cache_dir: Path) -> list[Path]:
@@ -25,12 +19,12 @@ def test_blocks_survive_a_remount(store: Store, mnt: Path, tmp_path: Path) -> No
     option = f"cache_dir={cache_dir}"
     with mounted(store.url, mnt, option):
         assert sha256_file(mnt / DISK) == store.sha256[DISK]
-        first = _stats(mnt)
+        first = read_stats(mnt)
     assert first["bytes_fetched"] >= SMALL[DISK] and first["disk_cache_hits"] == 0
     assert len(_entries(cache_dir)) == -(-SMALL[DISK] // BLOCK)
     with mounted(store.url, mnt, option):
         assert sha256_file(mnt / DISK) == store.sha256[DISK]
-        second = _stats(mnt)
+        second = read_stats(mnt)
     assert second["bytes_fetched"] == 0
     assert second["disk_cache_hits"] == len(_entries(cache_dir))
 
@@ -46,7 +40,7 @@ def test_a_corrupt_entry_is_fetched_again(store: Store, mnt: Path, tmp_path: Pat
     victim.write_bytes(bytes(data))
     with mounted(store.url, mnt, option):
         assert sha256_file(mnt / DISK) == store.sha256[DISK]
-        stats = _stats(mnt)
+        stats = read_stats(mnt)
     assert stats["bytes_fetched"] == len(data)  # that block, and nothing else
     assert stats["disk_cache_hits"] == len(_entries(cache_dir)) - 1
     assert victim.read_bytes() != bytes(data)  # replaced by the good block

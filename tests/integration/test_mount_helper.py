@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from backupfs.mounts import top_fstype
 from tests.integration.conftest import SMALL, Store
 from tests.support.mounting import daemon_pids, is_mounted, kill_daemons, sha256_file, unmount
 
@@ -16,15 +17,6 @@ DISK = next(iter(SMALL))
 
 def _mount(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(["mount", *args], capture_output=True, text=True, timeout=120)
-
-
-def _fstype(mountpoint: Path) -> str:
-    """The type of the topmost mount at `mountpoint`."""
-    with open("/proc/self/mountinfo") as f:
-        rows = [line.split() for line in f]
-    types = [r[r.index("-") + 1] for r in rows if r[4] == str(mountpoint)]
-    assert types, f"{mountpoint} is not mounted"
-    return types[-1]
 
 
 @pytest.fixture
@@ -51,7 +43,7 @@ def test_mount_t_fuse_backupfs_then_umount(store: Store, helper_mnt: Path) -> No
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     # mount(8) returned: the mount is ready, with no retry loop needed here.
-    assert _fstype(helper_mnt) == "fuse.backupfs"
+    assert top_fstype(str(helper_mnt)) == "fuse.backupfs"
     assert sha256_file(helper_mnt / DISK) == store.sha256[DISK]
     assert daemon_pids(helper_mnt), "no daemon left running after mount returned"
     umount = subprocess.run(["umount", str(helper_mnt)], capture_output=True, text=True)
@@ -68,7 +60,7 @@ def test_fstab_line_mounts(store: Store, helper_mnt: Path, tmp_path: Path) -> No
     fstab.write_text(f"# test fstab\n{store.url} {helper_mnt} fuse.backupfs {options} 0 0\n")
     result = _mount("-T", str(fstab), str(helper_mnt))
     assert result.returncode == 0, result.stderr
-    assert _fstype(helper_mnt) == "fuse.backupfs"
+    assert top_fstype(str(helper_mnt)) == "fuse.backupfs"
     assert sha256_file(helper_mnt / DISK) == store.sha256[DISK]
     assert subprocess.run(["umount", str(helper_mnt)]).returncode == 0
     _wait_for_exit(helper_mnt)
@@ -104,11 +96,11 @@ def test_mounts_over_a_systemd_automount_trigger(store: Store, helper_mnt: Path)
         assert autofs.returncode == 0, autofs.stderr
         result = _mount("-t", "fuse.backupfs", store.url, str(helper_mnt), "-o", "ro")
         assert result.returncode == 0, result.stderr
-        assert _fstype(helper_mnt) == "fuse.backupfs"
+        assert top_fstype(str(helper_mnt)) == "fuse.backupfs"
         assert sha256_file(helper_mnt / DISK) == store.sha256[DISK]
         assert subprocess.run(["umount", str(helper_mnt)]).returncode == 0
         _wait_for_exit(helper_mnt)
-        assert _fstype(helper_mnt) == "autofs"
+        assert top_fstype(str(helper_mnt)) == "autofs"
     finally:
         unmount(helper_mnt)
         subprocess.run(["umount", str(helper_mnt)], capture_output=True)

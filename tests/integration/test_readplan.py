@@ -7,14 +7,13 @@ import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from backupfs import readplan
 from backupfs.indexer import index_store
 from tests.support.disks import PartSpec, make_disk, make_tree
-from tests.support.mounting import mounted, run_cli, sha256_file
+from tests.support.mounting import mounted, read_stats, run_cli, sha256_file
 from tests.support.nginx import Nginx
 
 SNAP = "db01/2026-11-22"
@@ -60,20 +59,16 @@ def run_dir(attached: Attached, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("BACKUPFS_RUN_DIR", attached.env["BACKUPFS_RUN_DIR"])
 
 
-def _stats(attached: Attached) -> dict[str, Any]:
-    return json.loads((attached.mnt / ".backupfs" / "stats").read_text())
-
-
 def test_warm_metadata_makes_a_listing_cheap(attached: Attached) -> None:
     subtree = attached.target / "p1"  # the first test: nothing read its metadata before
-    before = _stats(attached)
+    before = read_stats(attached.mnt)
     result = run_cli("warm", "--metadata", str(subtree), env=attached.env)
     assert result.returncode == 0, result.stderr
-    warmed = _stats(attached)
+    warmed = read_stats(attached.mnt)
     assert warmed["bytes_fetched"] > before["bytes_fetched"]
     listing = subprocess.run(["ls", "-lR", str(subtree)], capture_output=True, text=True)
     assert listing.returncode == 0 and "docs/old:" in listing.stdout
-    listed = _stats(attached)
+    listed = read_stats(attached.mnt)
     # ls -lR through clone 0 reads what the scan read (partly through other clones).
     assert listed["bytes_fetched"] == warmed["bytes_fetched"]
 
@@ -104,7 +99,7 @@ def test_plan_extents_are_the_file_bytes_in_the_image(
 def test_restore_sends_a_plan_and_restores_identical_files(
     attached: Attached, tmp_path: Path
 ) -> None:
-    before = _stats(attached)
+    before = read_stats(attached.mnt)
     dest = tmp_path / "out"
     result = run_cli("restore", "--json", str(attached.target / "p1"), str(dest), env=attached.env)
     assert result.returncode == 0, result.stderr
@@ -113,7 +108,7 @@ def test_restore_sends_a_plan_and_restores_identical_files(
     assert summary["files"] == len(tree) and summary["planned_bytes"] > 0
     for rel, digest in tree.items():
         assert sha256_file(dest / rel) == digest, rel
-    after = _stats(attached)
+    after = read_stats(attached.mnt)
     assert after["plan_bytes"] - before["plan_bytes"] >= summary["planned_bytes"] // 2
 
     plain = run_cli(
@@ -126,11 +121,11 @@ def test_restore_sends_a_plan_and_restores_identical_files(
 
 def test_warm_fills_the_cache(attached: Attached) -> None:
     subtree = attached.target / "p2" / "data"
-    before = _stats(attached)
+    before = read_stats(attached.mnt)
     result = run_cli("warm", str(subtree), env=attached.env)
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("warmed ")
-    warmed = _stats(attached)
+    warmed = read_stats(attached.mnt)
     fetched_by_warm = warmed["bytes_fetched"] - before["bytes_fetched"]
     files = {rel: d for rel, d in attached.trees[2].items() if rel.startswith("data/")}
     sizes = sum((subtree.parent / rel).stat().st_size for rel in files)
@@ -138,7 +133,7 @@ def test_warm_fills_the_cache(attached: Attached) -> None:
     assert fetched_by_warm > 0
     for rel, digest in files.items():  # first reads: nothing of these is in the page cache
         assert sha256_file(subtree.parent / rel) == digest
-    read = _stats(attached)
+    read = read_stats(attached.mnt)
     assert read["cache_hits"] > warmed["cache_hits"]
     hits = read["cache_hits"] - warmed["cache_hits"]
     misses = read["cache_misses"] - warmed["cache_misses"]

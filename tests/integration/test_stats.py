@@ -4,16 +4,11 @@ import errno
 import json
 import os
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from tests.integration.conftest import BIG, Store
-from tests.support.mounting import mounted, run_cli
-
-
-def _stats(mnt: Path) -> dict[str, Any]:
-    return json.loads((mnt / ".backupfs" / "stats").read_text())
+from tests.support.mounting import mounted, read_stats, run_cli
 
 
 def _pread_uncached(path: Path, offset: int, size: int) -> bytes:
@@ -32,15 +27,15 @@ def test_second_read_of_a_range_is_a_cache_hit(store: Store, mnt: Path) -> None:
         f.seek(offset)
         expected = f.read(size)
     with mounted(store.url, mnt, "cache_size=128M"):
-        before = _stats(mnt)
+        before = read_stats(mnt)
         assert before["bytes_fetched"] == 0 and before["blocks_in_cache"] == 0
         assert _pread_uncached(mnt / BIG, offset, size) == expected
-        first = _stats(mnt)
+        first = read_stats(mnt)
         assert first["cache_misses"] > before["cache_misses"]
         assert first["bytes_fetched"] >= size and first["blocks_in_cache"] >= 1
         assert first["bytes_served"] >= size and first["fetch_p50_ms"] is not None
         assert _pread_uncached(mnt / BIG, offset, size) == expected
-        second = _stats(mnt)
+        second = read_stats(mnt)
         assert second["cache_hits"] > first["cache_hits"]
         assert second["cache_misses"] == first["cache_misses"]
         assert second["bytes_fetched"] == first["bytes_fetched"]
@@ -64,7 +59,7 @@ def test_readahead_window_shows_while_a_file_is_open(store: Store, mnt: Path) ->
     with mounted(store.url, mnt), open(mnt / BIG, "rb", buffering=0) as f:
         for _ in range(16):
             f.read(1 << 20)
-        doc = _stats(mnt)
+        doc = read_stats(mnt)
         assert doc["readahead_windows"] and max(doc["readahead_windows"]) >= 1 << 20
         assert max(doc["readahead_windows"]) <= doc["readahead_max_bytes"]
 

@@ -2,6 +2,7 @@
 
 import contextlib
 import hashlib
+import json
 import os
 import signal
 import socket
@@ -11,6 +12,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 BACKUPFS = [sys.executable, "-m", "backupfs"]
 READY_TIMEOUT_S = 30.0
@@ -32,6 +34,11 @@ def sha256_file(path: Path) -> str:
         while chunk := f.read(1 << 20):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def read_stats(mountpoint: Path) -> dict[str, Any]:
+    """The mount's MOUNTPOINT/.backupfs/stats document."""
+    return json.loads((mountpoint / ".backupfs" / "stats").read_text())
 
 
 def is_mounted(path: Path) -> bool:
