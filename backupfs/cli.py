@@ -208,6 +208,12 @@ def cmd_warm(args: argparse.Namespace) -> int:
     fetched_all = 0
     for source, path in sources:
         is_dir = os.path.isdir(path)
+        # ext2/3/4: directories and inodes first, in parallel rounds (metaprefetch.py)
+        walked = readplan.prefetch_metadata(path) if is_dir else None
+        if walked is not None:
+            fetched_all += walked.bytes_read
+            if args.metadata and not walked.errors:
+                continue
         paths = scan_paths(path, files=not args.metadata) if is_dir else [path]
         fetched, _, error = readplan.warm(source, paths, progress)
         fetched_all += fetched

@@ -8,7 +8,7 @@ import errno
 import fcntl
 import os
 import struct
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 FS_IOC_FIEMAP = 0xC020660B
@@ -84,13 +84,17 @@ def to_image(extents: Iterable[Extent], partition_start: int, size_bytes: int) -
     return out
 
 
-def merge(ranges: Iterable[Range], max_gap: int) -> list[Range]:
+def merge(ranges: Iterable[Range], max_gap: int, max_len: int = 1 << 62) -> Iterator[Range]:
     """Join each range to the previous one when it starts at most `max_gap` bytes after it
-    (order is kept: it is the order of reading)."""
-    out: list[Range] = []
+    and the two span at most `max_len` bytes (order is kept: it is the order of reading).
+    Lazy: a plan streams while it is made."""
+    held: Range | None = None
     for start, end in ranges:
-        if out and 0 <= start - out[-1][1] <= max_gap:
-            out[-1] = (out[-1][0], max(out[-1][1], end))
-        else:
-            out.append((start, end))
-    return out
+        if held is not None and 0 <= start - held[1] <= max_gap and end - held[0] <= max_len:
+            held = (held[0], max(held[1], end))
+            continue
+        if held is not None:
+            yield held
+        held = (start, end)
+    if held is not None:
+        yield held

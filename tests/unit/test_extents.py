@@ -8,13 +8,13 @@ from backupfs.extents import Extent, file_extents, merge, to_image
 
 def test_merge_joins_small_gaps_in_reading_order() -> None:
     ranges = [(0, 10), (12, 20), (100, 110), (5, 8), (8, 9)]
-    assert merge(ranges, 4) == [(0, 20), (100, 110), (5, 9)]
-    assert merge(ranges, 0) == [(0, 10), (12, 20), (100, 110), (5, 9)]
-    assert merge([], 4) == []
+    assert list(merge(ranges, 4)) == [(0, 20), (100, 110), (5, 9)]
+    assert list(merge(ranges, 0)) == [(0, 10), (12, 20), (100, 110), (5, 9)]
+    assert list(merge([], 4)) == []
 
 
 def test_merge_never_joins_backwards() -> None:
-    assert merge([(100, 200), (50, 60)], 1 << 20) == [(100, 200), (50, 60)]
+    assert list(merge([(100, 200), (50, 60)], 1 << 20)) == [(100, 200), (50, 60)]
 
 
 def test_to_image_adds_the_partition_start_and_trims_the_tail() -> None:
@@ -34,3 +34,14 @@ def test_file_extents_cover_a_written_file(tmp_path: Path) -> None:
     assert extents and extents[0].logical == 0
     assert sum(e.length for e in extents) >= 3 << 20
     assert all(e.physical > 0 for e in extents)
+
+
+def test_merge_streams_ranges_as_they_come() -> None:
+    """A restore's plan is sent while its files are still being mapped."""
+
+    def mapped_so_far():  # type: ignore[no-untyped-def]
+        yield (0, 10)
+        yield (100, 110)
+        raise AssertionError("merge read further than it needed")
+
+    assert next(merge(mapped_so_far(), 4)) == (0, 10)
