@@ -27,8 +27,8 @@ class MountOptions:
     cache_size: int = 256 << 20  # all block memory: the LRU cache plus replies in flight
     block_size: int = 0  # cache/fetch unit; 0 = the store's block size (else a multiple of it)
     readahead: int = 64 << 20  # maximum readahead window per sequential stream
-    request_size: int = 8 << 20  # largest single ranged GET
-    connections: int = 8  # parallel HTTP connections
+    request_size: int = 4 << 20  # largest single ranged GET
+    connections: int = 16  # parallel HTTP connections (metadata walks are many small reads)
     timeout: float = 30.0  # seconds for one whole HTTP attempt
     retries: int = 4  # further attempts after a transient failure
     token_file: Path | None = None  # bearer token, read once at mount time

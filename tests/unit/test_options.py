@@ -159,7 +159,7 @@ def test_cache_size_bounds_cache_plus_replies_in_flight() -> None:
 
 def test_a_small_cache_shrinks_the_defaults() -> None:
     opts = parse_options(["cache_size=64M"])
-    assert opts.request_size == 2 << 20  # a quarter of the cache over 8 connections
+    assert opts.request_size == 1 << 20  # a quarter of the cache over 16 connections
     assert opts.readahead == 24 << 20  # half of what is left for the LRU
     assert opts.lru_bytes == 48 << 20
 
