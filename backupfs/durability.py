@@ -6,7 +6,6 @@ opened (Linux 5.8+), so `Target.open` is called before any data is written.
 """
 
 import ctypes
-import ctypes.util
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -25,7 +24,7 @@ _NO_SYNCFS = {
 _FS_NAMES = {0xEF53: "ext4", 0x58465342: "xfs", 0x9123683E: "btrfs", 0x01021994: "tmpfs",
              0x4D44: "vfat", 0x2FC12FC1: "zfs", 0x794C7630: "overlay"}  # fmt: skip
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_libc = ctypes.CDLL(None, use_errno=True)  # libc, already loaded; no ldconfig run
 
 
 class _Statfs(ctypes.Structure):

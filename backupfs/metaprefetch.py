@@ -74,6 +74,13 @@ class Chunks:
         return self.data[i][start - base : end - base]
 
 
+@dataclass(frozen=True)
+class FileMap:
+    rel: bytes  # path below the walk's start
+    size: int
+    extents: list[Extent] | None  # None: not all in the inode (FIEMAP knows them)
+
+
 @dataclass
 class Walked:
     directories: int = 0
@@ -81,9 +88,9 @@ class Walked:
     rounds: int = 0
     bytes_read: int = 0
     errors: list[str] = field(default_factory=list)
-    # Regular files' extents, by inode number, where the inode holds them all: a read
-    # plan then needs no FIEMAP for them.
-    extents: dict[int, list[Extent]] = field(default_factory=dict)
+    # Every regular file walked, by inode number (hard links once): a read plan for them
+    # needs no FIEMAP where the inode held the extents.
+    files: dict[int, FileMap] = field(default_factory=dict)
 
 
 def prefetch(image: str, partition_start: int, starts: list[tuple[int, Selection]]) -> Walked:
@@ -107,35 +114,35 @@ def prefetch(image: str, partition_start: int, starts: list[tuple[int, Selection
 
 
 def _walk(fs: Ext4, reader: ImageReader, starts: list[tuple[int, Selection]], w: Walked) -> None:
-    wanted: dict[int, Selection] = dict(starts)  # inodes to read, and what to walk below
+    # inodes to read next: what to walk below each, and its path
+    wanted: dict[int, tuple[Selection, bytes]] = {n: (sel, b"") for n, sel in starts}
     while wanted:
         w.rounds += 1
         chunks = reader.read_many(fs.inode_range(n) for n in wanted)
-        inodes = [(fs.parse_inode(n, chunks.get(*fs.inode_range(n))), sel)
-                  for n, sel in wanted.items()]  # fmt: skip
+        inodes = [(fs.parse_inode(n, chunks.get(*fs.inode_range(n))), sel, rel)
+                  for n, (sel, rel) in wanted.items()]  # fmt: skip
         w.inodes += len(inodes)
-        dirs: list[tuple[Inode, list[Range], Selection]] = []
+        dirs: list[tuple[Inode, list[Range], Selection, bytes]] = []
         extra: list[Range] = []  # read for the kernel's sake, not parsed
-        for inode, sel in inodes:
+        for inode, sel, rel in inodes:
             if inode.xattr_block:
                 at = fs.start + inode.xattr_block * fs.block_size
                 extra.append((at, at + fs.block_size))
             if inode.is_dir:
-                dirs.append((inode, fs.data_ranges(inode), sel))
+                dirs.append((inode, fs.data_ranges(inode), sel, rel))
             elif inode.is_symlink:
                 extra += fs.data_ranges(inode)
-            elif inode.is_file and (extents := fs.inode_extents(inode)) is not None:
-                w.extents[inode.number] = extents
+            elif inode.is_file:
+                w.files[inode.number] = FileMap(rel, inode.size, fs.inode_extents(inode))
         w.directories += len(dirs)
-        chunks = reader.read_many([r for _, ranges, _ in dirs for r in ranges] + extra)
+        chunks = reader.read_many([r for _, ranges, _, _ in dirs for r in ranges] + extra)
         wanted = {}
-        for inode, ranges, sel in dirs:
+        for inode, ranges, sel, rel in dirs:
             data = b"".join(chunks.get(*r) for r in ranges)
             for entry in fs.entries(inode, data):
-                if sel is None:
-                    wanted[entry.inode] = None
-                elif entry.name in sel:
-                    wanted[entry.inode] = sel[entry.name]
+                if sel is None or entry.name in sel:
+                    below = None if sel is None else sel[entry.name]
+                    wanted[entry.inode] = (below, os.path.join(rel, entry.name))
 
 
 def selection(rels: Iterable[str]) -> Selection:

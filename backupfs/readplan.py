@@ -175,6 +175,20 @@ def start_restore_plan(root: str, files: list[tuple[str, int, int]]) -> RestoreP
     return RestorePlan(session, image_ranges(source, files))
 
 
+def start_tree_plan(root: str, walked: metaprefetch.Walked) -> RestorePlan | None:
+    """Plan every regular file a metadata walk from `root` found, in inode order: the
+    order `restore` copies a tree in, so the data flows while restore still walks."""
+    source = source_of(root)
+    session = PlanSession.open(source, "restore") if source else None
+    if source is None or session is None:
+        return None
+    files = sorted(walked.files.items())
+    ranges = image_ranges(
+        source, ((os.path.join(root, os.fsdecode(f.rel)), f.size, n) for n, f in files)
+    )
+    return RestorePlan(session, ranges)
+
+
 def warm(
     source: ImageSource, paths: list[str], on_progress: Callable[[int, int], None]
 ) -> tuple[int, int, str | None]:
@@ -206,7 +220,8 @@ def prefetch_metadata(path: str, sel: metaprefetch.Selection = None) -> metapref
     image = os.path.join(source.mountpoint, source.image)
     start = os.lstat(path).st_ino
     walked = metaprefetch.prefetch(image, source.partition_start, [(start, sel)])
-    _learnt.setdefault((source.image, source.partition_start), {}).update(walked.extents)
+    learnt = _learnt.setdefault((source.image, source.partition_start), {})
+    learnt.update((n, f.extents) for n, f in walked.files.items() if f.extents is not None)
     log.info("metadata of %s: %d directories, %d inodes, %d bytes in %d rounds", path,
              walked.directories, walked.inodes, walked.bytes_read, walked.rounds)  # fmt: skip
     return walked

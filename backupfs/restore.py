@@ -112,8 +112,16 @@ def _batches(files: list[Entry]) -> list[list[Entry]]:
 
 
 class Pipeline:
-    def __init__(self, plan: SourcePlan, opts: RestoreOptions, target: Target, out: Outcome):
+    def __init__(
+        self,
+        plan: SourcePlan,
+        opts: RestoreOptions,
+        target: Target,
+        out: Outcome,
+        started_plan: readplan.RestorePlan | None = None,
+    ) -> None:
         self.plan, self.opts, self.target, self.out = plan, opts, target, out
+        self.started_plan = started_plan  # a read plan already under way for these files
         self.is_root = os.geteuid() == 0
         self.work: queue.SimpleQueue[list[Entry]] = queue.SimpleQueue()
         self.written: queue.Queue[list[tuple[Entry, str, bytes]] | None] = queue.Queue(
@@ -193,7 +201,7 @@ class Pipeline:
         todo = self._todo()
         for batch in _batches(todo):
             self.work.put(batch)
-        plan = self._start_plan(todo)  # the same order as the batches
+        plan = self.started_plan or self._start_plan(todo)  # the same order as the batches
         try:
             self._run_threads()
         finally:
@@ -312,15 +320,42 @@ def _plans(sources: list[str], dest: str) -> list[SourcePlan]:
     return plans + ([walk_files(files, dest)] if files else [])
 
 
-def _prefetch_metadata(sources: list[str], listed: list[str] | None) -> None:
-    """The directories and inodes the walk will read, fetched in parallel rounds before
-    it (ext2/3/4 only); the walk then finds them in the cache."""
-    sel = None if listed is None else metaprefetch.selection(listed)
-    for source in (s for s in sources if os.path.isdir(s) and not os.path.islink(s)):
-        try:
-            readplan.prefetch_metadata(source, sel)
-        except OSError as exc:  # the walk reports it
-            log.debug("no metadata prefetch for %s: %s", source, exc)
+class MetadataPrefetch:
+    """The directories and inodes restore's walk will read, fetched in parallel rounds
+    (ext2/3/4, readplan.prefetch_metadata). A whole tree is read beside the walk, and
+    its data plan starts as soon as the inodes are known, while the walk still runs; a
+    --files-from list is read before the walk, which then reads no more than it needs."""
+
+    def __init__(self, sources: list[str], listed: list[str] | None, dest: str) -> None:
+        self.dirs = [s for s in sources if os.path.isdir(s) and not os.path.islink(s)]
+        self.sel = None if listed is None else metaprefetch.selection(listed)
+        # A fresh whole-tree restore copies every file the walk finds, in inode order.
+        fresh = not os.path.lexists(dest) or not any(os.scandir(dest))
+        self.early = listed is None and len(sources) == 1 and len(self.dirs) == 1 and fresh
+        self.plan: readplan.RestorePlan | None = None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self) -> None:
+        if self.sel is not None:
+            self._run()
+        elif self.dirs:
+            self.thread.start()
+
+    def _run(self) -> None:
+        for source in self.dirs:
+            try:
+                walked = readplan.prefetch_metadata(source, self.sel)
+            except OSError as exc:  # the walk reports it
+                log.debug("no metadata prefetch for %s: %s", source, exc)
+                continue
+            if self.early and walked is not None and not walked.errors:
+                self.plan = readplan.start_tree_plan(source, walked)
+
+    def join(self) -> readplan.RestorePlan | None:
+        """The data plan started early, if any (the caller closes it)."""
+        if self.thread.ident is not None:
+            self.thread.join()
+        return self.plan
 
 
 def restore(
@@ -329,14 +364,31 @@ def restore(
     """`listed`: paths relative to the one SRC (`--files-from`), restored at the same
     relative paths under DEST."""
     dest = os.path.abspath(dest)
-    if opts.read_plan:
-        _prefetch_metadata(sources, listed)
-    if listed is not None:
-        if len(sources) != 1 or not os.path.isdir(sources[0]):
-            raise UserError("--files-from takes exactly one SRC, a directory")
-        plans = [walk_listed(sources[0], listed, dest)]
-    else:
-        plans = _plans(sources, dest)
+    if listed is not None and (len(sources) != 1 or not os.path.isdir(sources[0])):
+        raise UserError("--files-from takes exactly one SRC, a directory")
+    prefetch = MetadataPrefetch(sources, listed, dest) if opts.read_plan else None
+    if prefetch is not None:
+        prefetch.start()
+    try:
+        if listed is not None:
+            plans = [walk_listed(sources[0], listed, dest)]
+        else:
+            plans = _plans(sources, dest)
+    finally:
+        early_plan = prefetch.join() if prefetch is not None else None
+    try:
+        return _restore(plans, dest, opts, early_plan)
+    finally:
+        if early_plan is not None:
+            early_plan.close()
+
+
+def _restore(
+    plans: list[SourcePlan],
+    dest: str,
+    opts: RestoreOptions,
+    early_plan: readplan.RestorePlan | None,
+) -> Outcome:
     resuming = [_check_dest(p.dest, opts.existing) for p in plans]
     out = Outcome(total_files=sum(len(p.files) for p in plans),
                   total_bytes=sum(p.total_bytes for p in plans))  # fmt: skip
@@ -352,7 +404,7 @@ def restore(
                 if not was_resuming:
                     with open(marker, "w") as f:
                         json.dump({"sources": plan.roots}, f)
-                Pipeline(plan, opts, target, out).run()
+                Pipeline(plan, opts, target, out, early_plan).run()
         markers = sorted({os.path.join(plan.dest, MARKER) for plan in plans})
         if not out.failed:  # complete: nothing to resume (a failed flush puts them back)
             for marker in markers:

@@ -105,18 +105,20 @@ def test_extents_read_from_the_inodes_are_the_file_bytes_in_the_image(
     source = readplan.source_of(str(root))
     assert source is not None
     walked = readplan.prefetch_metadata(str(root))
-    assert walked is not None and walked.errors == [] and walked.extents
+    assert walked is not None and walked.errors == []
     learnt = 0
     with open(attached.image, "rb") as image:
         for rel, digest in attached.trees[1].items():
             st = (root / rel).stat()
-            learnt += st.st_ino in walked.extents
+            found = walked.files[st.st_ino]
+            assert (found.rel, found.size) == (os.fsencode(rel), st.st_size)
+            learnt += found.extents is not None
             ranges = list(readplan.image_ranges(source, [("/nonexistent", st.st_size, st.st_ino)]))
             data = hashlib.sha256()
             for start, end in ranges:
                 image.seek(start)
                 data.update(image.read(end - start))
-            if st.st_ino in walked.extents:
+            if walked.files[st.st_ino].extents is not None:
                 assert data.hexdigest() == digest, rel
     assert learnt == len(attached.trees[1])
 
