@@ -183,8 +183,12 @@ def start_tree_plan(root: str, walked: metaprefetch.Walked) -> RestorePlan | Non
     if source is None or session is None:
         return None
     files = sorted(walked.files.items())
-    ranges = image_ranges(
-        source, ((os.path.join(root, os.fsdecode(f.rel)), f.size, n) for n, f in files)
+    # Mapped here, before the restore's threads start: made alongside them, in a thread
+    # of the same process, it would hold the GIL they all wait for.
+    ranges = list(
+        image_ranges(
+            source, ((os.path.join(root, os.fsdecode(f.rel)), f.size, n) for n, f in files)
+        )
     )
     return RestorePlan(session, ranges)
 

@@ -228,17 +228,25 @@ class Pipeline:
             final = self.final(entry)
             if self._guard(entry, os.makedirs, final, 0o700, True):
                 copying.remove_stale_tmp(final)
-        self.copy_files()
+        # Symlinks, fifos and device nodes need no data: they are made beside the copying.
+        others = threading.Thread(target=self._make_others, args=(root_src,))
+        others.start()
+        try:
+            self.copy_files()
+        finally:
+            others.join()
         for entry, first in self.plan.links:
             first_final = os.path.join(self.plan.dest, first)
             self._guard(entry, copying.make_link, self.final(entry), first_final)
+        for entry in sorted(self.plan.dirs, key=lambda e: -e.rel.count(os.sep)):
+            self._guard(entry, self._dir_metadata, entry, root_src)
+
+    def _make_others(self, root_src: str) -> None:
         for entry in self.plan.others:
             final, src = self.final(entry), os.path.join(root_src, entry.rel)
             if self.opts.existing == "skip" and os.path.lexists(final):
                 continue
             self._guard(entry, copying.make_other, final, src, entry.st, self.is_root)
-        for entry in sorted(self.plan.dirs, key=lambda e: -e.rel.count(os.sep)):
-            self._guard(entry, self._dir_metadata, entry, root_src)
 
     def _dir_metadata(self, entry: Entry, root_src: str) -> None:
         final, src = self.final(entry), os.path.join(root_src, entry.rel)
