@@ -361,7 +361,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--no-plan",
         action="store_true",
-        help="do not tell the mount what will be read (plain readahead only)",
+        help="no read plans: neither the metadata walk nor the data plan (plain readahead)",
     )
     group = p.add_mutually_exclusive_group()
     group.add_argument(

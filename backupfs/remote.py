@@ -35,7 +35,7 @@ def check_base_url(url: str) -> str:
     if parts.scheme not in ("http", "https") or not parts.netloc:
         raise UserError(f"not an http(s) URL: {redact(url)}")
     if parts.username or parts.password:
-        raise UserError("credentials in the URL are refused; use -o token_file=")
+        raise UserError("credentials in the URL are refused; use -o token_file= or -o netrc=")
     path = parts.path if parts.path.endswith("/") else parts.path + "/"
     return urlunsplit((parts.scheme, parts.netloc, path, parts.query, ""))
 

@@ -442,6 +442,13 @@ CONTENDERS: dict[str, Contender] = {
         Backupfs("backupfs-noplan", restore_args=("--no-plan",)),  # plain readahead only
         # `backupfs warm` (--metadata for W5) before W4/W5; a cache that holds the tree
         Backupfs("backupfs+warm", mount_options=("cache_size=1536M",), warm=True),
+        # the defaults before 16 connections of 4 MiB (docs/benchmarks.md, connections)
+        Backupfs("backupfs-8conn", mount_options=("connections=8", "request_size=8M")),
+        Backupfs(
+            "backupfs+warm-8conn",
+            mount_options=("cache_size=1536M", "connections=8", "request_size=8M"),
+            warm=True,
+        ),
         Rclone("rclone-off", cache_mode="off"),
     ]
 }

@@ -211,7 +211,7 @@ def test_argument_errors(store: Store, mnt: Path, tmp_path: Path) -> None:
     )
     assert _mount_error(store.url, mnt, "-o", "bogus=1") == "unknown mount option 'bogus'"
     assert _mount_error("http://u:pw@127.0.0.1:1/", mnt) == (
-        "credentials in the URL are refused; use -o token_file="
+        "credentials in the URL are refused; use -o token_file= or -o netrc="
     )
     assert _mount_error("ftp://example/", mnt) == "not an http(s) URL: ftp://example/"
     with mounted(store.url, mnt):

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from backupfs import readplan
+from backupfs import metaprefetch, readplan
 from backupfs.indexer import index_store
 from tests.support.disks import PartSpec, make_disk, make_tree
 from tests.support.mounting import mounted, read_stats, run_cli, sha256_file
@@ -144,6 +144,32 @@ def test_restore_sends_a_plan_and_restores_identical_files(
     )  # fmt: skip
     assert plain.returncode == 0, plain.stderr
     assert json.loads(plain.stdout)["planned_bytes"] == 0
+
+
+def test_restore_files_from_walks_only_the_listed_paths(
+    attached: Attached, run_dir: None, tmp_path: Path
+) -> None:
+    """ext4: the metadata of the listed paths is read first (a selective walk); the
+    restore then copies exactly those files, identical, and nothing else."""
+    tree = attached.trees[1]
+    deep = sorted((rel for rel in tree if rel.count("/") >= 2), key=len)
+    listed = [deep[0], deep[-1], sorted(tree)[0]]
+    root = attached.target / "p1"
+    sel = metaprefetch.selection(listed)
+    walked = readplan.prefetch_metadata(str(root), sel)
+    assert walked is not None and walked.errors == []
+    assert sorted(os.fsdecode(f.rel) for f in walked.files.values()) == sorted(listed)
+    listing = tmp_path / "list"
+    listing.write_text("".join(f"{rel}\n" for rel in listed))
+    dest = tmp_path / "out"
+    result = run_cli(
+        "restore", "--files-from", str(listing), str(root), str(dest), env=attached.env
+    )
+    assert result.returncode == 0, result.stderr
+    got = sorted(str(p.relative_to(dest)) for p in dest.rglob("*") if p.is_file())
+    assert got == sorted(listed)
+    for rel in listed:
+        assert sha256_file(dest / rel) == tree[rel], rel
 
 
 def test_warm_fills_the_cache(attached: Attached) -> None:
