@@ -29,6 +29,7 @@ _EXTENT_MAGIC = 0xF30A
 _UNWRITTEN = 32768  # an ee_len above this marks an unwritten (reads-as-zero) extent
 S_IFMT, S_IFDIR, S_IFLNK, S_IFREG = 0o170000, 0o040000, 0o120000, 0o100000
 ROOT_INODE = 2
+MAX_GDT_BYTES = 64 << 20  # 1M groups of 64 bytes: a 128 TiB filesystem at 4 KiB blocks
 
 
 class NotExt4(Exception):
@@ -90,6 +91,8 @@ class Ext4:
         wide = incompat & _INCOMPAT_64BIT
         desc_size = struct.unpack_from("<H", sb, 254)[0] if wide else 32
         groups = -(-_u32(sb, 0) // self.inodes_per_group)
+        if groups * desc_size > MAX_GDT_BYTES:
+            raise NotExt4("group descriptor table too large")
         gdt = read(self._at(self.first_data_block + 1), groups * desc_size)
         if len(gdt) < groups * desc_size:
             raise NotExt4("short group descriptor table")

@@ -12,6 +12,7 @@ cache and in the page cache of the image file, where the loop device finds them.
 import bisect
 import logging
 import os
+import struct
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ PAGE = 4096
 GAP = 64 << 10  # read across gaps this small: the daemon fetches whole blocks anyway
 MAX_READ = 1 << 20  # split longer runs so that they are fetched in parallel
 THREADS = 32
+MAX_LEVELS = 1024  # deeper than any real tree: a damaged one is not walked forever
 
 # What to walk below a directory: None is everything; a dict names the entries wanted,
 # each with what to walk below it (the shape of a --files-from list).
@@ -104,7 +106,7 @@ def prefetch(image: str, partition_start: int, starts: list[tuple[int, Selection
         try:
             fs = Ext4(reader.read, partition_start)
             _walk(fs, reader, starts, walked)
-        except (NotExt4, OSError, IndexError, ValueError) as exc:
+        except (NotExt4, OSError, IndexError, ValueError, struct.error) as exc:
             log.info("metadata prefetch stopped: %s", exc)
             walked.errors.append(str(exc))
         finally:
@@ -116,7 +118,8 @@ def prefetch(image: str, partition_start: int, starts: list[tuple[int, Selection
 def _walk(fs: Ext4, reader: ImageReader, starts: list[tuple[int, Selection]], w: Walked) -> None:
     # inodes to read next: what to walk below each, and its path
     wanted: dict[int, tuple[Selection, bytes]] = {n: (sel, b"") for n, sel in starts}
-    while wanted:
+    seen: set[int] = set()  # directories walked: a damaged tree may loop
+    while wanted and w.rounds < MAX_LEVELS:
         w.rounds += 1
         chunks = reader.read_many(fs.inode_range(n) for n in wanted)
         inodes = [(fs.parse_inode(n, chunks.get(*fs.inode_range(n))), sel, rel)
@@ -128,7 +131,8 @@ def _walk(fs: Ext4, reader: ImageReader, starts: list[tuple[int, Selection]], w:
             if inode.xattr_block:
                 at = fs.start + inode.xattr_block * fs.block_size
                 extra.append((at, at + fs.block_size))
-            if inode.is_dir:
+            if inode.is_dir and inode.number not in seen:
+                seen.add(inode.number)
                 dirs.append((inode, fs.data_ranges(inode), sel, rel))
             elif inode.is_symlink:
                 extra += fs.data_ranges(inode)

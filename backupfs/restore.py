@@ -338,7 +338,10 @@ class MetadataPrefetch:
         self.dirs = [s for s in sources if os.path.isdir(s) and not os.path.islink(s)]
         self.sel = None if listed is None else metaprefetch.selection(listed)
         # A fresh whole-tree restore copies every file the walk finds, in inode order.
-        fresh = not os.path.lexists(dest) or not any(os.scandir(dest))
+        try:
+            fresh = not os.path.lexists(dest) or not any(os.scandir(dest))
+        except OSError:  # not a directory, not readable: _check_dest says so
+            fresh = False
         self.early = listed is None and len(sources) == 1 and len(self.dirs) == 1 and fresh
         self.plan: readplan.RestorePlan | None = None
         self.thread = threading.Thread(target=self._run, daemon=True)

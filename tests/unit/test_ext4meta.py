@@ -140,3 +140,16 @@ def test_prefetch_of_something_else_reports_and_reads_little(tmp_path: Path) -> 
     image.write_bytes(b"\0" * (4 << 20))
     walked = prefetch(str(image), OFFSET, [(ROOT_INODE, None)])
     assert walked.inodes == 0 and walked.errors == ["no ext2/3/4 superblock"]
+
+
+def test_a_directory_loop_in_a_damaged_filesystem_ends_the_walk(tmp_path: Path) -> None:
+    src, image = _image(tmp_path, "ext4")
+    fs_raw = tmp_path / "fs.raw"  # debugfs edits the bare filesystem; then re-wrap it
+    subprocess.run(["debugfs", "-w", "-R", "ln /a /a/b/c/back", str(fs_raw)],
+                   check=True, capture_output=True, timeout=60)  # fmt: skip
+    with open(image, "r+b") as out:
+        out.seek(OFFSET)
+        out.write(fs_raw.read_bytes())
+    walked = prefetch(str(image), OFFSET, [(ROOT_INODE, None)])
+    assert walked.errors == []
+    assert walked.directories == 7  # a, b, c once each, however often they are named
