@@ -160,6 +160,17 @@ def test_interrupted_restore_resumes(tmp_path: Path) -> None:
     assert not list(dest.rglob(".backupfs-*"))
 
 
+def test_a_destination_that_is_a_file_is_refused(tmp_path: Path) -> None:
+    source, dest = tmp_path / "src", tmp_path / "dest"
+    source.mkdir()
+    (source / "a").write_text("new")
+    dest.write_text("a file")
+    result = _restore(str(source), str(dest))
+    assert result.returncode == 1
+    assert result.stderr == f"backupfs: {dest}: exists and is not a directory\n"
+    assert dest.read_text() == "a file"
+
+
 def test_non_empty_destination_is_refused(tmp_path: Path) -> None:
     source, dest = tmp_path / "src", tmp_path / "dest"
     source.mkdir()
