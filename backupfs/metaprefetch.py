@@ -103,7 +103,11 @@ def prefetch(image: str, partition_start: int, starts: list[tuple[int, Selection
     cannot read is left to the kernel's own reads."""
     walked = Walked()
     with ThreadPoolExecutor(THREADS) as pool:
-        reader = ImageReader(image, pool)
+        try:
+            reader = ImageReader(image, pool)
+        except OSError as exc:
+            walked.errors.append(str(exc))
+            return walked
         try:
             fs = Ext4(reader.read, partition_start)
             _walk(fs, reader, starts, walked)

@@ -153,3 +153,8 @@ def test_a_directory_loop_in_a_damaged_filesystem_ends_the_walk(tmp_path: Path) 
     walked = prefetch(str(image), OFFSET, [(ROOT_INODE, None)])
     assert walked.errors == []
     assert walked.directories == 7  # a, b, c once each, however often they are named
+
+
+def test_prefetch_of_an_image_that_cannot_be_opened_reports(tmp_path: Path) -> None:
+    walked = prefetch(str(tmp_path / "missing.img"), OFFSET, [(ROOT_INODE, None)])
+    assert walked.inodes == 0 and len(walked.errors) == 1 and "No such file" in walked.errors[0]
