@@ -20,9 +20,6 @@ _MAGIC = 0xEF53
 _INCOMPAT_FILETYPE = 0x2
 _INCOMPAT_META_BG = 0x10
 _INCOMPAT_64BIT = 0x80
-_RO_COMPAT_GDT_CSUM = 0x10
-_RO_COMPAT_METADATA_CSUM = 0x400
-_BG_INODE_UNINIT = 0x1
 _EXTENTS_FL = 0x80000
 _INLINE_DATA_FL = 0x10000000
 _EXTENT_MAGIC = 0xF30A
@@ -84,7 +81,7 @@ class Ext4:
         self.first_data_block, rev = _u32(sb, 20), _u32(sb, 76)
         self.block_size = 1024 << log_bs
         self.inode_size = struct.unpack_from("<H", sb, 88)[0] if rev else 128
-        incompat, ro_compat = _u32(sb, 96), _u32(sb, 100)
+        incompat = _u32(sb, 96)
         if incompat & _INCOMPAT_META_BG or log_bs > 6 or not self.inodes_per_group:
             raise NotExt4("unsupported ext4 layout (meta_bg or odd sizes)")
         self.filetype = bool(incompat & _INCOMPAT_FILETYPE)
@@ -96,21 +93,12 @@ class Ext4:
         gdt = read(self._at(self.first_data_block + 1), groups * desc_size)
         if len(gdt) < groups * desc_size:
             raise NotExt4("short group descriptor table")
-        counts_unused = bool(ro_compat & (_RO_COMPAT_GDT_CSUM | _RO_COMPAT_METADATA_CSUM))
         self.tables: list[int] = []  # block of each group's inode table
-        self.used: list[int] = []  # inodes in use at the start of each table (the rest never were)
         for g in range(groups):
-            d = g * desc_size
-            table, flags, unused = _u32(gdt, d + 8), _u16(gdt, d + 18), _u16(gdt, d + 28)
+            table = _u32(gdt, g * desc_size + 8)
             if desc_size >= 64:
-                table |= _u32(gdt, d + 0x28) << 32
-                unused |= _u16(gdt, d + 0x32) << 16
+                table |= _u32(gdt, g * desc_size + 0x28) << 32
             self.tables.append(table)
-            if not counts_unused:
-                self.used.append(self.inodes_per_group)
-            else:
-                uninit = flags & _BG_INODE_UNINIT
-                self.used.append(0 if uninit else self.inodes_per_group - unused)
 
     def _at(self, block: int) -> int:
         return self.start + block * self.block_size
@@ -121,11 +109,6 @@ class Ext4:
             raise NotExt4(f"inode {number} out of range")
         at = self._at(self.tables[group]) + index * self.inode_size
         return at, at + self.inode_size
-
-    def used_inode_ranges(self) -> list[Range]:
-        """The part of every inode table that has ever held an inode."""
-        return [(self._at(t), self._at(t) + n * self.inode_size)
-                for t, n in zip(self.tables, self.used, strict=True) if n]  # fmt: skip
 
     def parse_inode(self, number: int, raw: bytes) -> Inode:
         if len(raw) < 128:
