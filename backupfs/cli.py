@@ -217,10 +217,14 @@ def cmd_warm(args: argparse.Namespace) -> int:
         walked = readplan.prefetch_metadata(path) if is_dir else None
         if walked is not None:
             fetched_all += walked.bytes_read
-            if args.metadata and not walked.errors:
+        if walked is not None and not walked.errors:
+            if args.metadata:
                 continue
-        paths = scan_paths(path, files=not args.metadata) if is_dir else [path]
-        fetched, _, error = readplan.warm(source, paths, progress)
+            files = readplan.walked_files(path, walked)  # no second walk, no FIEMAP
+        else:
+            paths = scan_paths(path, files=not args.metadata) if is_dir else [path]
+            files = [(p, readplan.WHOLE_FILE, 0) for p in paths]
+        fetched, _, error = readplan.warm(source, files, progress)
         fetched_all += fetched
         if tty:
             sys.stderr.write("\n")

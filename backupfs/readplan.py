@@ -32,6 +32,7 @@ from backupfs.plan_channel import RANGES_PER_MESSAGE, encode, socket_address
 log = logging.getLogger(__name__)
 MERGE_GAP_BYTES = 64 << 10  # read across gaps this small: one request beats two
 MERGE_MAX_BYTES = 8 << 20  # a merged range is sent once it is this long
+WHOLE_FILE = 1 << 62  # a size for image_ranges that trims nothing (directories too)
 SEND_RANGES = 256  # ranges per message: the daemon gets the start of a plan at once
 
 
@@ -165,44 +166,46 @@ class RestorePlan:
         self.thread.join()
 
 
-def start_restore_plan(root: str, files: list[tuple[str, int, int]]) -> RestorePlan | None:
+def start_restore_plan(
+    root: str, files: list[tuple[str, int, int]], map_now: bool = False
+) -> RestorePlan | None:
     """Plan `files` (path under `root`, size, inode number; in copying order), or None
-    when no plan applies."""
+    when no plan applies. With `map_now`, the files are mapped before this returns
+    (see start_tree_plan)."""
     source = source_of(root)
     session = PlanSession.open(source, "restore") if source else None
     if source is None or session is None:
         return None
-    return RestorePlan(session, image_ranges(source, files))
+    ranges = image_ranges(source, files)
+    return RestorePlan(session, list(ranges) if map_now else ranges)
+
+
+def walked_files(root: str, walked: metaprefetch.Walked) -> list[tuple[str, int, int]]:
+    """(path, size, inode number) of every regular file a metadata walk from `root`
+    found, in inode order."""
+    return [(os.path.join(root, os.fsdecode(f.rel)), f.size, n)
+            for n, f in sorted(walked.files.items())]  # fmt: skip
 
 
 def start_tree_plan(root: str, walked: metaprefetch.Walked) -> RestorePlan | None:
     """Plan every regular file a metadata walk from `root` found, in inode order: the
-    order `restore` copies a tree in, so the data flows while restore still walks."""
-    source = source_of(root)
-    session = PlanSession.open(source, "restore") if source else None
-    if source is None or session is None:
-        return None
-    files = sorted(walked.files.items())
-    # Mapped here, before the restore's threads start: made alongside them, in a thread
-    # of the same process, it would hold the GIL they all wait for.
-    ranges = list(
-        image_ranges(
-            source, ((os.path.join(root, os.fsdecode(f.rel)), f.size, n) for n, f in files)
-        )
-    )
-    return RestorePlan(session, ranges)
+    order `restore` copies a tree in, so the data flows while restore still walks.
+    Mapped before the restore's threads start: mapped alongside them, in a thread of
+    the same process, it would hold the GIL they all wait for."""
+    return start_restore_plan(root, walked_files(root, walked), map_now=True)
 
 
 def warm(
-    source: ImageSource, paths: list[str], on_progress: Callable[[int, int], None]
+    source: ImageSource, files: list[tuple[str, int, int]], on_progress: Callable[[int, int], None]
 ) -> tuple[int, int, str | None]:
-    """Fetch the extents of `paths` (sorted by offset) into the daemon's cache; returns
-    (bytes fetched, bytes planned, error or None)."""
+    """Fetch the extents of `files` ((path, size, inode number or 0), as for
+    image_ranges) into the daemon's cache, sorted by offset; returns (bytes fetched,
+    bytes planned, error or None)."""
     session = PlanSession.open(source, "warm")
     if session is None:
         return 0, 0, f"the backupfs daemon of {source.mountpoint} does not answer"
     try:
-        ranges = sorted(image_ranges(source, ((p, 1 << 62, 0) for p in paths)))
+        ranges = sorted(image_ranges(source, files))
         total = session.send(ranges)
         for reply in session.replies():
             fetched, total = int(reply["fetched"]), int(reply["total"])  # type: ignore[call-overload]
