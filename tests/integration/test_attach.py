@@ -15,8 +15,12 @@ import pytest
 
 from backupfs.indexer import index_store
 from tests.support.disks import PartSpec, make_disk, make_tree
+from tests.support.kernel import needs_filesystems
 from tests.support.mounting import BACKUPFS, is_mounted, mounted, run_cli, sha256_file
 from tests.support.nginx import Nginx
+
+# vfat is optional: where the kernel lacks it, attach must say so (tested below).
+pytestmark = needs_filesystems("ext2", "ext3", "ext4", "xfs", "btrfs")
 
 SNAP = "web03/2026-11-20T0300Z"
 

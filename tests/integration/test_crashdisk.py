@@ -17,11 +17,9 @@ from pathlib import Path
 import pytest
 
 from tests.support.crashdisk import CrashDisk, syncfs
+from tests.support.kernel import needs_filesystems, needs_root_fuse_loop
 
-pytestmark = pytest.mark.skipif(
-    os.geteuid() != 0 or not os.path.exists("/dev/fuse"),
-    reason="needs root, /dev/fuse and loop devices",
-)
+pytestmark = [needs_root_fuse_loop, needs_filesystems("ext4")]
 
 SIZE_MIB = 128
 FILES = 50

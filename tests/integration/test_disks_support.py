@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.disks import MIB, PartSpec, make_disk, make_tree
+from tests.support.kernel import needs_filesystems
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (mknod, loop mounts)")
 
@@ -96,6 +97,7 @@ def test_make_tree_is_deterministic(tmp_path: Path, tree: Tree) -> None:
     assert not os.readlink(tree.root / "links/rel-link").startswith("/")
 
 
+@needs_filesystems("xfs", "btrfs")
 def test_gpt_ext4_xfs_btrfs(tmp_path: Path, tree: Tree) -> None:
     image = tmp_path / "gpt.img"
     specs = [

@@ -10,6 +10,7 @@ import pytest
 
 from backupfs.mounts import top_fstype
 from tests.integration.conftest import SMALL, Store
+from tests.support.kernel import needs_filesystems
 from tests.support.mounting import daemon_pids, is_mounted, kill_daemons, sha256_file, unmount
 
 DISK = next(iter(SMALL))
@@ -84,6 +85,7 @@ def test_unreachable_store_fails_without_mounting(helper_mnt: Path) -> None:
     assert not is_mounted(helper_mnt)
 
 
+@needs_filesystems("autofs")
 def test_mounts_over_a_systemd_automount_trigger(store: Store, helper_mnt: Path) -> None:
     """x-systemd.automount leaves an autofs mount at the mountpoint; mounting goes on top."""
     read_end, write_end = os.pipe()

@@ -13,8 +13,11 @@ import pytest
 from backupfs import metaprefetch, readplan
 from backupfs.indexer import index_store
 from tests.support.disks import PartSpec, make_disk, make_tree
+from tests.support.kernel import needs_filesystems
 from tests.support.mounting import mounted, read_stats, run_cli, sha256_file
 from tests.support.nginx import Nginx
+
+pytestmark = needs_filesystems("ext4", "xfs")
 
 SNAP = "db01/2026-11-22"
 DISK = "disk0.img"
