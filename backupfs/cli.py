@@ -11,10 +11,10 @@ from pathlib import Path
 from typing import Any, cast
 
 from backupfs import __version__
-from backupfs.credentials import load_credentials
 from backupfs.errors import UserError
-from backupfs.indexer import DEFAULT_BLOCK_SIZE, index_store
 from backupfs.options import parse_options, parse_size
+from backupfs.remote.credentials import load_credentials
+from backupfs.store.indexer import DEFAULT_BLOCK_SIZE, index_store
 
 # trio, httpx and pyfuse3 are imported by the commands that use them: attach, restore
 # and the others start in half the time without them.
@@ -42,10 +42,10 @@ def _human(n: int) -> str:
 def cmd_ls(args: argparse.Namespace) -> int:
     import trio
 
-    from backupfs.manifest import Catalogue
-    from backupfs.remote import StoreClient, check_base_url, make_client
+    from backupfs.remote.client import StoreClient, check_base_url, make_client
+    from backupfs.remote.metadata import load_catalogue
     from backupfs.stats import Stats
-    from backupfs.store import load_catalogue
+    from backupfs.store.manifest import Catalogue
 
     url = check_base_url(args.url)
     opts = parse_options(args.o)
@@ -83,8 +83,8 @@ def cmd_ls(args: argparse.Namespace) -> int:
 
 
 def cmd_mount(args: argparse.Namespace) -> int:
-    from backupfs import daemon  # imports pyfuse3; keep other commands free of it
-    from backupfs.remote import check_base_url
+    from backupfs.mount import daemon  # imports pyfuse3; keep other commands free of it
+    from backupfs.remote.client import check_base_url
 
     url = check_base_url(args.url)
     opts = parse_options(args.o)
@@ -111,7 +111,7 @@ def cmd_umount(args: argparse.Namespace) -> int:
 
 
 def cmd_attach(args: argparse.Namespace) -> int:
-    from backupfs import attach
+    from backupfs.attach import lifecycle as attach
 
     att = attach.attach(
         attach.AttachRequest(
@@ -128,7 +128,7 @@ def cmd_attach(args: argparse.Namespace) -> int:
 
 
 def cmd_detach(args: argparse.Namespace) -> int:
-    from backupfs import attach
+    from backupfs.attach import lifecycle as attach
 
     for target in args.targets:  # idempotent: nothing attached is not an error
         if not attach.detach(target):
@@ -139,7 +139,8 @@ def cmd_detach(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
-    from backupfs import attach, attach_state
+    from backupfs.attach import lifecycle as attach
+    from backupfs.attach import state as attach_state
 
     attachments = attach_state.load_all()
     if args.json:
@@ -153,7 +154,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_restore(args: argparse.Namespace) -> int:
-    from backupfs.restore import RestoreOptions, restore
+    from backupfs.restore.pipeline import RestoreOptions, restore
 
     existing = "overwrite" if args.overwrite else "skip" if args.skip_existing else "refuse"
     opts = RestoreOptions(
@@ -189,8 +190,8 @@ def cmd_restore(args: argparse.Namespace) -> int:
 
 
 def cmd_warm(args: argparse.Namespace) -> int:
-    from backupfs import readplan
-    from backupfs.restore_plan import scan_paths
+    from backupfs.plan import readplan
+    from backupfs.restore.walk import scan_paths
 
     sources = []
     for path in args.paths:
@@ -235,7 +236,7 @@ def cmd_warm(args: argparse.Namespace) -> int:
 
 
 def cmd_flush(args: argparse.Namespace) -> int:
-    from backupfs.durability import flush_paths
+    from backupfs.restore.durability import flush_paths
 
     for path in args.paths:
         if not os.path.exists(path):
@@ -269,7 +270,7 @@ def _stats_lines(doc: dict[str, Any]) -> list[str]:
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
-    from backupfs.control import CONTROL_DIR
+    from backupfs.mount.control import CONTROL_DIR
 
     path = Path(args.mountpoint) / CONTROL_DIR / "stats"
     try:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from common import LINK_HELP, drop_caches, link_url
 
-from backupfs.indexer import index_store
+from backupfs.store.indexer import index_store
 from tests.support.mounting import mounted
 from tests.support.nginx import Nginx
 

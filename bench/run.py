@@ -19,8 +19,8 @@ from pathlib import Path
 
 from common import LINK_HELP, cpu_seconds, link_url, peak_rss_mib
 
-from backupfs.indexer import index_store
 from backupfs.options import parse_size
+from backupfs.store.indexer import index_store
 from tests.support.mounting import mounted
 from tests.support.nginx import Nginx
 

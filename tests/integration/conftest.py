@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from backupfs.indexer import index_store
+from backupfs.store.indexer import index_store
 from tests.support.nginx import Nginx
 from tests.support.proxy import FaultProxy
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from backupfs.indexer import index_store
+from backupfs.store.indexer import index_store
 from tests.support.disks import PartSpec, make_disk, make_tree
 from tests.support.kernel import needs_filesystems
 from tests.support.mounting import BACKUPFS, is_mounted, mounted, run_cli, sha256_file

@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from backupfs.indexer import DEFAULT_BLOCK_SIZE
+from backupfs.store.indexer import DEFAULT_BLOCK_SIZE
 from tests.integration.conftest import SMALL, Store
 from tests.support.mounting import mounted, read_stats, run_cli, sha256_file
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from backupfs.mounts import top_fstype
+from backupfs.linux.mountinfo import top_fstype
 from tests.integration.conftest import SMALL, Store
 from tests.support.kernel import needs_filesystems
 from tests.support.mounting import daemon_pids, is_mounted, kill_daemons, sha256_file, unmount

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from backupfs import metaprefetch, readplan
-from backupfs.indexer import index_store
+from backupfs.plan import metaprefetch, readplan
+from backupfs.store.indexer import index_store
 from tests.support.disks import PartSpec, make_disk, make_tree
 from tests.support.kernel import needs_filesystems
 from tests.support.mounting import mounted, read_stats, run_cli, sha256_file

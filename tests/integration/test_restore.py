@@ -292,7 +292,7 @@ def test_flush_says_how(tmp_path: Path) -> None:
 def test_a_bad_block_in_the_backup_fails_one_file_only(tmp_path: Path) -> None:
     """One corrupted byte in the store: its block fails verification (EIO) through the
     mount, the loop device and ext4; restore reports that file and restores the rest."""
-    from backupfs.indexer import index_store
+    from backupfs.store.indexer import index_store
     from tests.support.mounting import mounted
     from tests.support.nginx import Nginx
 

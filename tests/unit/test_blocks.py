@@ -1,4 +1,4 @@
-"""The read path of backupfs.blocks.BlockReader over a fake in-memory store.
+"""The read path of backupfs.readpath.blocks.BlockReader over a fake in-memory store.
 
 The fake stands in for `StoreClient.fetch_range`: it serves bytes from a model, records
 every call, and can be held (gate) or made to fail, which is what the single-flight,
@@ -15,11 +15,11 @@ import trio.testing
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from backupfs.blocks import BlockReader
-from backupfs.cache import BlockCache
 from backupfs.errors import FetchError
-from backupfs.readahead import ReadaheadConfig, StreamTracker
-from backupfs.remote import Image
+from backupfs.readpath.blocks import BlockReader
+from backupfs.readpath.cache import BlockCache
+from backupfs.readpath.readahead import ReadaheadConfig, StreamTracker
+from backupfs.remote.client import Image
 from backupfs.stats import Stats
 
 KiB = 1 << 10

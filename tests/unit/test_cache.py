@@ -1,9 +1,9 @@
-"""The byte-bounded LRU block cache of backupfs.cache."""
+"""The byte-bounded LRU block cache of backupfs.readpath.cache."""
 
 from hypothesis import given
 from hypothesis import strategies as st
 
-from backupfs.cache import BlockCache
+from backupfs.readpath.cache import BlockCache
 from backupfs.stats import Stats
 
 

@@ -1,11 +1,12 @@
-"""Checks on ranged HTTP replies in backupfs.checks."""
+"""Checks on ranged HTTP replies in backupfs.remote.checks."""
 
 import hashlib
 import os
 
 import pytest
 
-from backupfs.checks import (
+from backupfs.errors import FetchError
+from backupfs.remote.checks import (
     BlockAssembler,
     check_range_headers,
     check_status,
@@ -13,7 +14,6 @@ from backupfs.checks import (
     validator_of,
     verify_blocks,
 )
-from backupfs.errors import FetchError
 
 
 @pytest.mark.parametrize(

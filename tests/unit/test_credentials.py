@@ -1,4 +1,4 @@
-"""Credential loading in backupfs.credentials, with real files and openssl-made keys."""
+"""Credential loading in backupfs.remote.credentials, with real files and openssl-made keys."""
 
 import base64
 import ssl
@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from backupfs.credentials import Credentials, load_credentials
 from backupfs.errors import UserError
 from backupfs.options import parse_options
+from backupfs.remote.credentials import Credentials, load_credentials
 from tests.support.nginx import Pki, make_pki
 
 URL = "https://backups.example:8443/store/"

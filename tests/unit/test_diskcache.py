@@ -1,4 +1,4 @@
-"""The persistent block store in backupfs.diskcache, on real files (tmpfs mounts for the
+"""The persistent block store in backupfs.readpath.diskcache, on real files (tmpfs mounts for the
 full-disk and read-only cases, which need root)."""
 
 import hashlib
@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from backupfs.diskcache import DiskCache
 from backupfs.errors import UserError
+from backupfs.readpath.diskcache import DiskCache
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="mounts a tmpfs")
 
@@ -99,7 +99,7 @@ def test_damaged_entry_is_a_miss_and_removed(
     digest, data = block(1)
     cache.put(digest, data)
     damage(entry_path(tmp_path, digest))
-    with caplog.at_level(logging.WARNING, logger="backupfs.diskcache"):
+    with caplog.at_level(logging.WARNING, logger="backupfs.readpath.diskcache"):
         assert cache.get(digest) is None
         assert cache.get(digest) is None
     assert files(tmp_path) == []
@@ -120,7 +120,7 @@ def test_unreadable_entries_are_misses(tmp_path: Path, caplog: pytest.LogCapture
     entry_path(tmp_path, d_link).symlink_to(target)  # right bytes, but never followed
     entry_path(tmp_path, d_fifo).parent.mkdir(parents=True, exist_ok=True)
     os.mkfifo(entry_path(tmp_path, d_fifo))  # must not block
-    with caplog.at_level(logging.WARNING, logger="backupfs.diskcache"):
+    with caplog.at_level(logging.WARNING, logger="backupfs.readpath.diskcache"):
         for digest in (d_dir, d_link, d_fifo, d_dir):
             assert cache.get(digest) is None
     assert cache.stats.corrupt == 4
@@ -201,7 +201,7 @@ def test_full_disk_degrades_to_read_cache(tmp_path: Path, caplog: pytest.LogCapt
     with tmpfs(tmp_path / "tiny", "1m") as mnt:
         cache = DiskCache(mnt / "cache", 64 << 20)
         blocks = [block(n, size=256 << 10) for n in range(10)]
-        with caplog.at_level(logging.WARNING, logger="backupfs.diskcache"):
+        with caplog.at_level(logging.WARNING, logger="backupfs.readpath.diskcache"):
             for digest, data in blocks:
                 cache.put(digest, data)
         stored = [(d, data) for d, data in blocks if entry_path(mnt / "cache", d).exists()]
@@ -226,7 +226,7 @@ def test_read_only_root_degrades_to_no_writes(
         cache.put(d2, data2)
         entry_path(mnt / "cache", d2).write_bytes(b"garbage")
         subprocess.run(["mount", "-o", "remount,ro", str(mnt)], check=True, timeout=30)
-        with caplog.at_level(logging.WARNING, logger="backupfs.diskcache"):
+        with caplog.at_level(logging.WARNING, logger="backupfs.readpath.diskcache"):
             cache.put(d3, data3)
             cache.put(d3, data3)
             cache.put(d1, data1)  # already there: not an error

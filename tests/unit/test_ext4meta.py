@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from backupfs.ext4meta import ROOT_INODE, Ext4, NotExt4
-from backupfs.metaprefetch import prefetch, selection
+from backupfs.plan.ext4meta import ROOT_INODE, Ext4, NotExt4
+from backupfs.plan.metaprefetch import prefetch, selection
 
 OFFSET = 1 << 20  # the filesystem starts 1 MiB into the image, as behind a partition table
 

@@ -3,7 +3,7 @@
 import os
 from pathlib import Path
 
-from backupfs.extents import Extent, file_extents, merge, to_image
+from backupfs.plan.extents import Extent, file_extents, merge, to_image
 
 
 def test_merge_joins_small_gaps_in_reading_order() -> None:

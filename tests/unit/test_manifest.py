@@ -1,4 +1,4 @@
-"""Store metadata (backupfs.manifest) and the indexer that writes it (backupfs.indexer)."""
+"""Store metadata (store.manifest) and the indexer that writes it (store.indexer)."""
 
 import calendar
 import copy
@@ -11,9 +11,9 @@ from typing import Any
 
 import pytest
 
-from backupfs import indexer, manifest
 from backupfs.errors import ManifestError, UserError
-from backupfs.manifest import Catalogue, DiskEntry, SnapshotEntry
+from backupfs.store import indexer, manifest
+from backupfs.store.manifest import Catalogue, DiskEntry, SnapshotEntry
 
 BS = 4096
 HEX = "ab" * 32
@@ -411,7 +411,7 @@ def test_unsafe_names_are_skipped(
     _write(root / "alpha/.snap/sda.img", b"y" * 100)
     _write(root / "alpha/2026-11-20T0300Z/.secret.img", b"z" * 100)
     say = Say()
-    with caplog.at_level(logging.WARNING, logger="backupfs.indexer"):
+    with caplog.at_level(logging.WARNING, logger="backupfs.store.indexer"):
         cat = indexer.index_store(root, block_size=BS, say=say)
     _check_indexed(root, images, cat)
     assert ".hidden" not in {s.host for s in cat.snapshots}

@@ -1,11 +1,11 @@
-"""Sequential-stream detection and readahead windows of backupfs.readahead.StreamTracker."""
+"""Sequential-stream detection and readahead windows of readpath.readahead.StreamTracker."""
 
 import random
 
 from hypothesis import given
 from hypothesis import strategies as st
 
-from backupfs.readahead import ReadaheadConfig, StreamTracker
+from backupfs.readpath.readahead import ReadaheadConfig, StreamTracker
 
 KiB = 1 << 10
 MiB = 1 << 20

@@ -12,12 +12,12 @@ import logging
 import trio
 from cachetools import LRUCache
 
-from backupfs.cache import BlockCache
-from backupfs.diskcache import DiskCache
 from backupfs.errors import FetchError
 from backupfs.ranges import block_range, block_span, contiguous_runs, slice_blocks
-from backupfs.readahead import StreamTracker
-from backupfs.remote import Image, StoreClient
+from backupfs.readpath.cache import BlockCache
+from backupfs.readpath.diskcache import DiskCache
+from backupfs.readpath.readahead import StreamTracker
+from backupfs.remote.client import Image, StoreClient
 from backupfs.stats import Stats
 
 log = logging.getLogger(__name__)

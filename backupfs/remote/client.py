@@ -16,10 +16,10 @@ import httpcore
 import httpx
 import trio
 
-from backupfs import checks
-from backupfs.credentials import Credentials
 from backupfs.errors import FetchError, StoreError, UserError
 from backupfs.options import MountOptions
+from backupfs.remote import checks
+from backupfs.remote.credentials import Credentials
 from backupfs.stats import Stats
 
 log = logging.getLogger(__name__)

@@ -12,10 +12,10 @@ import re
 from collections.abc import Callable
 from pathlib import Path
 
-from backupfs import manifest
-from backupfs.atomicfile import write_atomic
 from backupfs.errors import ManifestError, UserError
-from backupfs.manifest import Catalogue, DiskEntry, SnapshotEntry
+from backupfs.linux.atomicfile import write_atomic
+from backupfs.store import manifest
+from backupfs.store.manifest import Catalogue, DiskEntry, SnapshotEntry
 
 log = logging.getLogger(__name__)
 DEFAULT_BLOCK_SIZE = 64 << 10  # small reads fetch little; bench/run.py: no loss for large ones

@@ -16,8 +16,11 @@ import threading
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
-from backupfs import attach_state, metaprefetch
-from backupfs.extents import (
+from backupfs.attach import state as attach_state
+from backupfs.linux.mountinfo import read_mounts
+from backupfs.plan import metaprefetch
+from backupfs.plan.channel import RANGES_PER_MESSAGE, encode, socket_address
+from backupfs.plan.extents import (
     PLANNABLE_FS,
     Extent,
     NoFiemap,
@@ -26,8 +29,6 @@ from backupfs.extents import (
     merge,
     to_image,
 )
-from backupfs.mounts import read_mounts
-from backupfs.plan_channel import RANGES_PER_MESSAGE, encode, socket_address
 
 log = logging.getLogger(__name__)
 MERGE_GAP_BYTES = 64 << 10  # read across gaps this small: one request beats two

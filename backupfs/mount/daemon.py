@@ -20,20 +20,20 @@ import pyfuse3
 import trio
 import trio.lowlevel
 
-from backupfs import control, tuning
-from backupfs.blocks import BlockReader
-from backupfs.cache import BlockCache
-from backupfs.credentials import Credentials
-from backupfs.diskcache import DiskCache
 from backupfs.errors import UserError, user_error_in
-from backupfs.fuse_ops import BackupFsOps
-from backupfs.mounts import top_fstype
+from backupfs.linux.mountinfo import top_fstype
+from backupfs.mount import control, tuning
+from backupfs.mount.fuse_ops import BackupFsOps
+from backupfs.mount.plan_server import PlanServer
 from backupfs.options import MountOptions
-from backupfs.plan_server import PlanServer
-from backupfs.readahead import ReadaheadConfig
-from backupfs.remote import StoreClient, make_client, redact
+from backupfs.readpath.blocks import BlockReader
+from backupfs.readpath.cache import BlockCache
+from backupfs.readpath.diskcache import DiskCache
+from backupfs.readpath.readahead import ReadaheadConfig
+from backupfs.remote.client import StoreClient, make_client, redact
+from backupfs.remote.credentials import Credentials
+from backupfs.remote.metadata import open_store
 from backupfs.stats import Stats
-from backupfs.store import open_store
 
 log = logging.getLogger(__name__)
 _READY = b"R"

@@ -5,11 +5,11 @@ import logging
 
 import trio
 
-from backupfs import manifest
 from backupfs.errors import ManifestError, UserError
+from backupfs.mount.tree import Tree, build_tree
 from backupfs.ranges import block_count
-from backupfs.remote import Image, StoreClient
-from backupfs.tree import Tree, build_tree
+from backupfs.remote.client import Image, StoreClient
+from backupfs.store import manifest
 
 log = logging.getLogger(__name__)
 

@@ -11,8 +11,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from backupfs.atomicfile import write_atomic
 from backupfs.errors import UserError
+from backupfs.linux.atomicfile import write_atomic
 
 RUN_DIR_ENV = "BACKUPFS_RUN_DIR"
 

@@ -14,12 +14,12 @@ from collections.abc import AsyncIterator
 
 import trio
 
-from backupfs.blocks import BlockReader, PlanCursor
 from backupfs.errors import FetchError, StoreError
-from backupfs.plan_channel import MAX_LINE_BYTES, encode, socket_address
-from backupfs.remote import Image, StoreClient
-from backupfs.store import ensure_digests
-from backupfs.tree import ROOT_INODE, Tree
+from backupfs.mount.tree import ROOT_INODE, Tree
+from backupfs.plan.channel import MAX_LINE_BYTES, encode, socket_address
+from backupfs.readpath.blocks import BlockReader, PlanCursor
+from backupfs.remote.client import Image, StoreClient
+from backupfs.remote.metadata import ensure_digests
 
 log = logging.getLogger(__name__)
 Range = tuple[int, int]

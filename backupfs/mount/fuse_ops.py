@@ -14,13 +14,13 @@ from typing import cast
 import pyfuse3
 import trio
 
-from backupfs import control
-from backupfs.blocks import BlockReader
 from backupfs.errors import FetchError, StoreError
-from backupfs.readahead import ReadaheadConfig, StreamTracker
-from backupfs.remote import StoreClient
-from backupfs.store import ensure_digests
-from backupfs.tree import ROOT_INODE, Node, Tree
+from backupfs.mount import control
+from backupfs.mount.tree import ROOT_INODE, Node, Tree
+from backupfs.readpath.blocks import BlockReader
+from backupfs.readpath.readahead import ReadaheadConfig, StreamTracker
+from backupfs.remote.client import StoreClient
+from backupfs.remote.metadata import ensure_digests
 
 log = logging.getLogger(__name__)
 IMMUTABLE_TIMEOUT_S = 24 * 3600.0  # snapshots never change: cache names and attributes a day

@@ -13,11 +13,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from backupfs import attach_state, fstypes, loopdev
-from backupfs.attach_state import Attachment, LoopRecord, MountRecord, PartitionRecord
+from backupfs.attach import fstypes
+from backupfs.attach import state as attach_state
+from backupfs.attach.partitions import Partition, read_disk
+from backupfs.attach.state import Attachment, LoopRecord, MountRecord, PartitionRecord
 from backupfs.errors import UserError
-from backupfs.mounts import read_mounts
-from backupfs.partitions import Partition, read_disk
+from backupfs.linux import loopdev
+from backupfs.linux.mountinfo import read_mounts
 
 MOUNT_TIMEOUT_S = 120
 DEFAULT_CLONES = 4

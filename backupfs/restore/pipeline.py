@@ -20,10 +20,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from backupfs import copying, metaprefetch, readplan
-from backupfs.durability import FlushResult, Target, flush_target
 from backupfs.errors import UserError
-from backupfs.restore_plan import Entry, SourcePlan, walk, walk_files, walk_listed
+from backupfs.plan import metaprefetch, readplan
+from backupfs.restore import copying
+from backupfs.restore.durability import FlushResult, Target, flush_target
+from backupfs.restore.walk import Entry, SourcePlan, walk, walk_files, walk_listed
 
 log = logging.getLogger(__name__)
 

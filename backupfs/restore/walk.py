@@ -9,7 +9,7 @@ import stat
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 
-from backupfs import attach_state
+from backupfs.attach import state as attach_state
 from backupfs.errors import UserError
 
 SCAN_THREADS = 8

@@ -3,8 +3,8 @@
 from dataclasses import dataclass, field
 from urllib.parse import quote
 
-from backupfs.manifest import Catalogue, digests_path, image_path
-from backupfs.remote import Image
+from backupfs.remote.client import Image
+from backupfs.store.manifest import Catalogue, digests_path, image_path
 
 ROOT_INODE = 1
 

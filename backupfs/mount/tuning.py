@@ -4,7 +4,7 @@ import ctypes
 import ctypes.util
 import logging
 
-from backupfs.mounts import read_mounts_dev
+from backupfs.linux.mountinfo import read_mounts_dev
 
 log = logging.getLogger(__name__)
 KERNEL_READAHEAD_KB = 1024

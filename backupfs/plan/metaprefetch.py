@@ -17,8 +17,8 @@ from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from backupfs.ext4meta import Ext4, Inode, NotExt4, Range
-from backupfs.extents import Extent
+from backupfs.plan.ext4meta import Ext4, Inode, NotExt4, Range
+from backupfs.plan.extents import Extent
 
 log = logging.getLogger(__name__)
 PAGE = 4096

@@ -11,7 +11,7 @@ import struct
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from backupfs.extents import Extent
+from backupfs.plan.extents import Extent
 
 Read = Callable[[int, int], bytes]  # (offset in the image, length) -> bytes
 Range = tuple[int, int]  # [start, end) in the image

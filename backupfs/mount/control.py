@@ -9,8 +9,8 @@ import json
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from backupfs.cache import BlockCache
-from backupfs.readahead import StreamTracker
+from backupfs.readpath.cache import BlockCache
+from backupfs.readpath.readahead import StreamTracker
 from backupfs.stats import Stats
 
 CONTROL_DIR = ".backupfs"
