@@ -42,7 +42,13 @@ def _human(n: int) -> str:
 def cmd_ls(args: argparse.Namespace) -> int:
     import trio
 
-    from backupfs.remote.client import StoreClient, check_base_url, make_client
+    from backupfs.remote.client import (
+        ClientConfig,
+        StoreClient,
+        check_base_url,
+        enlarge_socket_reads,
+        make_client,
+    )
     from backupfs.remote.metadata import load_catalogue
     from backupfs.stats import Stats
     from backupfs.store.manifest import Catalogue
@@ -53,9 +59,12 @@ def cmd_ls(args: argparse.Namespace) -> int:
     for warning in creds.warnings:
         print(f"backupfs: warning: {warning}", file=sys.stderr)
 
+    config = ClientConfig.from_options(opts)
+    enlarge_socket_reads()
+
     async def fetch() -> Catalogue:
-        async with make_client(opts, creds) as client:
-            return await load_catalogue(StoreClient(client, url, opts, Stats()))
+        async with make_client(config, creds) as client:
+            return await load_catalogue(StoreClient(client, url, config, Stats()))
 
     catalogue = trio.run(fetch)
     rows: list[dict[str, str | int]] = [

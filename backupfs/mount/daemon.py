@@ -24,15 +24,22 @@ from backupfs.errors import UserError, user_error_in
 from backupfs.linux.mountinfo import top_fstype
 from backupfs.mount import control, tuning
 from backupfs.mount.fuse_ops import BackupFsOps
+from backupfs.mount.opening import open_store
 from backupfs.mount.plan_server import PlanServer
 from backupfs.options import MountOptions
 from backupfs.readpath.blocks import BlockReader
 from backupfs.readpath.cache import BlockCache
 from backupfs.readpath.diskcache import DiskCache
 from backupfs.readpath.readahead import ReadaheadConfig
-from backupfs.remote.client import StoreClient, make_client, redact
+from backupfs.remote.client import (
+    ClientConfig,
+    StoreClient,
+    enlarge_socket_reads,
+    make_client,
+    redact,
+)
 from backupfs.remote.credentials import Credentials
-from backupfs.remote.metadata import open_store
+from backupfs.remote.metadata import DigestLoader
 from backupfs.stats import Stats
 
 log = logging.getLogger(__name__)
@@ -76,8 +83,11 @@ async def serve(
     readahead = ReadaheadConfig(max_bytes=opts.readahead)
     # Receive signals from the start, so that one sent right after "ready" is not lost.
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-        async with make_client(opts, creds) as client, trio.open_nursery() as nursery:
-            store = StoreClient(client, url, opts, stats)
+        client_config = ClientConfig.from_options(opts)
+        enlarge_socket_reads()
+        async with make_client(client_config, creds) as client, trio.open_nursery() as nursery:
+            store = StoreClient(client, url, client_config, stats)
+            digests = DigestLoader(store)
             tree = await open_store(store, opts.block_size)
             cache = BlockCache(opts.lru_bytes, stats)
             disk = None
@@ -92,13 +102,14 @@ async def serve(
                 readahead_max_bytes=opts.readahead,
                 started_s=time.monotonic(),
             )
-            ops = BackupFsOps(tree, reader, store, readahead, opts.allow_other, view)
+            ops = BackupFsOps(tree, reader, digests, readahead, opts.allow_other, view)
             plans = PlanServer(
                 tree,
-                store,
+                digests,
                 reader,
                 ahead_bytes=min(PLAN_AHEAD_BYTES, opts.lru_bytes // 2),
                 warm_bytes=opts.lru_bytes * 3 // 4,
+                warm_window_bytes=2 * opts.in_flight_bytes,
                 allow_other=opts.allow_other,
             )
             await nursery.start(plans.serve, mountpoint)

@@ -19,8 +19,7 @@ from backupfs.mount import control
 from backupfs.mount.tree import ROOT_INODE, Node, Tree
 from backupfs.readpath.blocks import BlockReader
 from backupfs.readpath.readahead import ReadaheadConfig, StreamTracker
-from backupfs.remote.client import StoreClient
-from backupfs.remote.metadata import ensure_digests
+from backupfs.remote.metadata import DigestLoader
 
 log = logging.getLogger(__name__)
 IMMUTABLE_TIMEOUT_S = 24 * 3600.0  # snapshots never change: cache names and attributes a day
@@ -31,7 +30,7 @@ class BackupFsOps(pyfuse3.Operations):
         self,
         tree: Tree,
         reader: BlockReader,
-        store: StoreClient,
+        digests: DigestLoader,
         readahead: ReadaheadConfig,
         allow_other: bool,
         view: control.MountView,
@@ -40,7 +39,7 @@ class BackupFsOps(pyfuse3.Operations):
         self.tree = tree
         self.view = view
         self.reader = reader
-        self.store = store
+        self.digests = digests
         self.readahead = readahead
         self.uid, self.gid = os.getuid(), os.getgid()
         self.file_mode = 0o444 if allow_other else 0o400
@@ -156,7 +155,7 @@ class BackupFsOps(pyfuse3.Operations):
         if node.image is None:
             raise pyfuse3.FUSEError(errno.EISDIR)
         try:
-            await ensure_digests(self.store, node.image)
+            await self.digests.ensure(node.image)
         except StoreError as exc:
             log.error("cannot open %s: %s", node.name, exc)
             raise pyfuse3.FUSEError(errno.EIO) from None

@@ -18,8 +18,8 @@ from backupfs.errors import FetchError, StoreError
 from backupfs.mount.tree import ROOT_INODE, Tree
 from backupfs.plan.channel import MAX_LINE_BYTES, encode, socket_address
 from backupfs.readpath.blocks import BlockReader, PlanCursor
-from backupfs.remote.client import Image, StoreClient
-from backupfs.remote.metadata import ensure_digests
+from backupfs.remote.metadata import DigestLoader
+from backupfs.store.image import Image
 
 log = logging.getLogger(__name__)
 Range = tuple[int, int]
@@ -52,15 +52,17 @@ class PlanServer:
     def __init__(
         self,
         tree: Tree,
-        store: StoreClient,
+        digests: DigestLoader,
         reader: BlockReader,
         ahead_bytes: int,
         warm_bytes: int,
+        warm_window_bytes: int,
         allow_other: bool,
     ) -> None:
-        self.tree, self.store, self.reader = tree, store, reader
+        self.tree, self.digests, self.reader = tree, digests, reader
         self.ahead_bytes = ahead_bytes  # restore plans: prefetched beyond what was read
         self.warm_bytes = warm_bytes  # warm plans: at most this much, so it stays cached
+        self.warm_window_bytes = warm_window_bytes  # warm plans: fetched ahead of the wait
         self.allow_other = allow_other
 
     async def serve(
@@ -122,7 +124,7 @@ class PlanServer:
         if head is None:
             return
         image = self._image(head.get("image"))
-        await ensure_digests(self.store, image)
+        await self.digests.ensure(image)
         if head.get("mode") == "warm":
             await self._warm(image, messages, stream)
         elif head.get("mode") == "restore":
@@ -169,7 +171,7 @@ class PlanServer:
                 break
         total = sum(e - s for s, e in ranges)
         fetched, error = 0, None
-        window = 2 * self.store.opts.connections * self.reader.request_size
+        window = self.warm_window_bytes
         async with trio.open_nursery() as nursery:
 
             async def report() -> None:

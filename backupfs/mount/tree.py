@@ -3,7 +3,7 @@
 from dataclasses import dataclass, field
 from urllib.parse import quote
 
-from backupfs.remote.client import Image
+from backupfs.store.image import Image
 from backupfs.store.manifest import Catalogue, digests_path, image_path
 
 ROOT_INODE = 1

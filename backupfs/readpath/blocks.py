@@ -17,8 +17,9 @@ from backupfs.ranges import block_range, block_span, contiguous_runs, slice_bloc
 from backupfs.readpath.cache import BlockCache
 from backupfs.readpath.diskcache import DiskCache
 from backupfs.readpath.readahead import StreamTracker
-from backupfs.remote.client import Image, StoreClient
+from backupfs.readpath.source import RangeSource
 from backupfs.stats import Stats
+from backupfs.store.image import Image
 
 log = logging.getLogger(__name__)
 BlockKey = tuple[int, int]
@@ -60,7 +61,7 @@ class _Planned:
 class BlockReader:
     def __init__(
         self,
-        store: StoreClient,
+        store: RangeSource,
         cache: BlockCache,
         nursery: trio.Nursery,
         request_size: int,

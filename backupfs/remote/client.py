@@ -8,7 +8,7 @@ import logging
 import random
 import ssl
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TypeVar
 from urllib.parse import quote, urlsplit, urlunsplit
 
@@ -21,6 +21,7 @@ from backupfs.options import MountOptions
 from backupfs.remote import checks
 from backupfs.remote.credentials import Credentials
 from backupfs.stats import Stats
+from backupfs.store.image import Image
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -48,41 +49,47 @@ def redact(url: str) -> str:
     return urlunsplit((parts.scheme, host, parts.path, "", ""))
 
 
-# httpcore receives at most 64 KiB per socket read; bodies here are megabytes, and larger
-# reads halve the CPU spent per byte (measured: 250 -> 470+ MB/s on loopback).
-_SOCKET_READ_BYTES = 1 << 20
+@dataclass(frozen=True)
+class ClientConfig:
+    """What the HTTP client needs of the mount options."""
+
+    connections: int  # parallel connections, and ranged GETs in flight
+    timeout_s: float  # one whole attempt, body included
+    retries: int  # further attempts after a transient failure
+
+    @classmethod
+    def from_options(cls, opts: MountOptions) -> "ClientConfig":
+        return cls(connections=opts.connections, timeout_s=opts.timeout, retries=opts.retries)
 
 
-def make_client(opts: MountOptions, creds: Credentials) -> httpx.AsyncClient:
+# httpcore receives at most 64 KiB per socket read (`READ_NUM_BYTES`, a class attribute of
+# its HTTP/1.1 connection); bodies here are megabytes, and larger reads halve the CPU spent
+# per byte (measured: 250 -> 470+ MB/s on loopback). Tested with httpcore 1.0.x; the unit
+# test tests/unit/test_client.py fails if the attribute goes away.
+SOCKET_READ_BYTES = 1 << 20
+
+
+def enlarge_socket_reads() -> None:
+    """Let httpcore read up to SOCKET_READ_BYTES per socket read. Called once by the daemon
+    (and by `backupfs ls`) before the client is made; a process-wide class attribute."""
     http11 = httpcore.AsyncHTTP11Connection
-    if getattr(http11, "READ_NUM_BYTES", 0) < _SOCKET_READ_BYTES:
-        http11.READ_NUM_BYTES = _SOCKET_READ_BYTES
+    if not hasattr(http11, "READ_NUM_BYTES"):
+        raise RuntimeError("httpcore.AsyncHTTP11Connection.READ_NUM_BYTES is gone: see client.py")
+    if http11.READ_NUM_BYTES < SOCKET_READ_BYTES:
+        http11.READ_NUM_BYTES = SOCKET_READ_BYTES
+
+
+def make_client(config: ClientConfig, creds: Credentials) -> httpx.AsyncClient:
     headers = {"Accept-Encoding": "identity", "User-Agent": "backupfs", **creds.headers()}
     return httpx.AsyncClient(
         headers=headers,
         verify=creds.ssl_context,
         limits=httpx.Limits(
-            max_connections=opts.connections, max_keepalive_connections=opts.connections
+            max_connections=config.connections, max_keepalive_connections=config.connections
         ),
-        timeout=httpx.Timeout(opts.timeout),
+        timeout=httpx.Timeout(config.timeout_s),
         follow_redirects=False,
     )
-
-
-@dataclass
-class Image:
-    """One remote disk image as the read path sees it."""
-
-    image_id: int
-    url: str
-    size_bytes: int
-    block_size: int  # cache and fetch unit, a multiple of digest_block_size
-    digest_block_size: int
-    digests_path: str | None = None  # None: no per-block digests (single-image mount)
-    digests_sha256: str | None = None
-    digests: list[bytes] | None = None
-    validator: str | None = None  # ETag/Last-Modified pinned by the first reply
-    load_lock: trio.Lock = field(default_factory=trio.Lock)
 
 
 _NAME_MISMATCH = (62, 64)  # X509_V_ERR_HOSTNAME_MISMATCH, X509_V_ERR_IP_ADDRESS_MISMATCH
@@ -128,24 +135,24 @@ def _status_hint(status: int, www_authenticate: str, url: str) -> str:
 
 class StoreClient:
     def __init__(
-        self, client: httpx.AsyncClient, base_url: str, opts: MountOptions, stats: Stats
+        self, client: httpx.AsyncClient, base_url: str, config: ClientConfig, stats: Stats
     ) -> None:
         self.client = client
         self.base_url = base_url
-        self.opts = opts
+        self.config = config
         self.stats = stats
-        self.limiter = trio.CapacityLimiter(opts.connections)
+        self.limiter = trio.CapacityLimiter(config.connections)
 
     def url(self, path: str) -> str:
         return self.base_url + quote(path)
 
     async def with_retries(self, attempt: Callable[[], Awaitable[T]], what: str) -> T:
         """Run `attempt` until it succeeds, fails for good, or retries run out."""
-        for n in range(self.opts.retries + 1):
+        for n in range(self.config.retries + 1):
             try:
                 return await attempt()
             except FetchError as exc:
-                if not exc.transient or n == self.opts.retries:
+                if not exc.transient or n == self.config.retries:
                     raise
                 delay = min(_BACKOFF_FIRST_S * 2**n, _BACKOFF_MAX_S) * random.uniform(0.5, 1)
                 log.info("%s: %s; retrying in %.2fs", what, exc, delay)
@@ -163,10 +170,10 @@ class StoreClient:
             self.stats.requests_in_flight += 1
             start = trio.current_time()
             try:
-                with trio.fail_after(self.opts.timeout):
+                with trio.fail_after(self.config.timeout_s):
                     return await self._get_body(url, headers, limit, sink)
             except trio.TooSlowError:
-                message = f"timed out after {self.opts.timeout:g}s"
+                message = f"timed out after {self.config.timeout_s:g}s"
                 raise FetchError(message, transient=True) from None
             except httpx.HTTPError as exc:
                 raise _http_error(exc) from None

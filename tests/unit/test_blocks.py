@@ -19,8 +19,8 @@ from backupfs.errors import FetchError
 from backupfs.readpath.blocks import BlockReader
 from backupfs.readpath.cache import BlockCache
 from backupfs.readpath.readahead import ReadaheadConfig, StreamTracker
-from backupfs.remote.client import Image
 from backupfs.stats import Stats
+from backupfs.store.image import Image
 
 KiB = 1 << 10
 BS = 4 * KiB
