@@ -17,6 +17,11 @@ def block_span(block_no: int, block_size: int, file_size: int) -> tuple[int, int
     return start, min(start + block_size, file_size)
 
 
+def overlap(start: int, end: int, lo: int, hi: int) -> int:
+    """How many bytes `[start, end)` and `[lo, hi)` have in common (0 if disjoint)."""
+    return max(0, min(end, hi) - max(start, lo))
+
+
 def block_count(block_size: int, file_size: int) -> int:
     return -(-file_size // block_size)
 

@@ -2,7 +2,7 @@
 
 It is absent from directory listings (so `ls`, `find` and `rsync` of the mount never see
 it) but answers a lookup by name. Its inodes sit far above the tree's, which count up
-from 1. Pure data: the FUSE adapter serves what this module renders.
+from 1. Pure data: `view.py` answers lookups and opens with what this module renders.
 """
 
 import json
@@ -20,8 +20,8 @@ FILES = {"stats": STATS_INODE}
 
 
 @dataclass
-class MountView:
-    """What the stats file reports about one mount, besides its counters."""
+class StatsSources:
+    """Where the stats file's numbers come from: one mount's counters, cache and settings."""
 
     store_url: str  # redacted: no credentials
     stats: Stats
@@ -35,24 +35,30 @@ def is_control(inode: int) -> bool:
     return inode >= CONTROL_DIR_INODE
 
 
+def is_control_file(inode: int) -> bool:
+    return inode in FILES.values()
+
+
 def stats_document(
-    view: MountView, trackers: Iterable[StreamTracker], now_s: float
+    sources: StatsSources, trackers: Iterable[StreamTracker], now_s: float
 ) -> dict[str, object]:
     """`trackers`: those of the open file handles, for their current readahead windows."""
     windows = sorted((s.window for t in trackers for s in t.streams if s.window), reverse=True)
     return {
-        "store": view.store_url,
-        "uptime_s": round(now_s - view.started_s, 1),
-        **view.stats.snapshot(),
-        "blocks_in_cache": len(view.cache),
-        "cache_bytes": view.cache.bytes_used,
-        "cache_max_bytes": view.cache_max_bytes,
+        "store": sources.store_url,
+        "uptime_s": round(now_s - sources.started_s, 1),
+        **sources.stats.snapshot(),
+        "blocks_in_cache": len(sources.cache),
+        "cache_bytes": sources.cache.bytes_used,
+        "cache_max_bytes": sources.cache_max_bytes,
         "readahead_windows": windows,
-        "readahead_max_bytes": view.readahead_max_bytes,
+        "readahead_max_bytes": sources.readahead_max_bytes,
     }
 
 
-def render(inode: int, view: MountView, trackers: Iterable[StreamTracker], now_s: float) -> bytes:
+def render(
+    inode: int, sources: StatsSources, trackers: Iterable[StreamTracker], now_s: float
+) -> bytes:
     if inode == STATS_INODE:
-        return (json.dumps(stats_document(view, trackers, now_s), indent=1) + "\n").encode()
+        return (json.dumps(stats_document(sources, trackers, now_s), indent=1) + "\n").encode()
     raise KeyError(inode)

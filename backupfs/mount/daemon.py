@@ -20,17 +20,19 @@ import pyfuse3
 import trio
 import trio.lowlevel
 
-from backupfs.errors import UserError, user_error_in
+from backupfs.errors import EXIT_INTERNAL, UserError, user_error_in
 from backupfs.linux.mountinfo import top_fstype
 from backupfs.mount import control, tuning
 from backupfs.mount.fuse_ops import BackupFsOps
 from backupfs.mount.opening import open_store
 from backupfs.mount.plan_server import PlanServer
 from backupfs.options import MountOptions
-from backupfs.readpath.blocks import BlockReader
+from backupfs.readpath.blocks import BlockReader, ReaderConfig
 from backupfs.readpath.cache import BlockCache
 from backupfs.readpath.diskcache import DiskCache
+from backupfs.readpath.disksource import DiskCachedSource
 from backupfs.readpath.readahead import ReadaheadConfig
+from backupfs.readpath.source import RangeSource
 from backupfs.remote.client import (
     ClientConfig,
     StoreClient,
@@ -90,11 +92,12 @@ async def serve(
             digests = DigestLoader(store)
             tree = await open_store(store, opts.block_size)
             cache = BlockCache(opts.lru_bytes, stats)
-            disk = None
+            source: RangeSource = store
             if opts.cache_dir is not None:
                 disk = await trio.to_thread.run_sync(DiskCache, opts.cache_dir, opts.cache_dir_size)
-            reader = BlockReader(store, cache, nursery, opts.request_size, stats, disk=disk)
-            view = control.MountView(
+                source = DiskCachedSource(store, disk, nursery, stats)
+            reader = BlockReader(source, cache, nursery, ReaderConfig.from_options(opts), stats)
+            stats_sources = control.StatsSources(
                 store_url=redact(url),
                 stats=stats,
                 cache=cache,
@@ -102,7 +105,7 @@ async def serve(
                 readahead_max_bytes=opts.readahead,
                 started_s=time.monotonic(),
             )
-            ops = BackupFsOps(tree, reader, digests, readahead, opts.allow_other, view)
+            ops = BackupFsOps(tree, reader, digests, readahead, opts.allow_other, stats_sources)
             plans = PlanServer(
                 tree,
                 digests,
@@ -211,10 +214,11 @@ def run_background(
         except BaseException as exc:
             user_error = user_error_in(exc)
             message = str(user_error) if user_error else f"mount failed: {exc!r}"
+            code = user_error.exit_code if user_error else EXIT_INTERNAL
             if user_error is None:
                 log.exception("mount daemon failed")
             with contextlib.suppress(OSError):
-                os.write(write_fd, _ERROR + message.encode()[:4000])
+                os.write(write_fd, _ERROR + bytes([code]) + message.encode()[:4000])
             status = 1
         os._exit(status)
     os.close(write_fd)
@@ -229,8 +233,8 @@ def run_background(
     if reply.startswith(_READY):
         return
     os.waitpid(pid, 0)
-    if reply.startswith(_ERROR):
-        raise UserError(reply[1:].decode(errors="replace"))
+    if reply.startswith(_ERROR) and len(reply) > 1:
+        raise UserError(reply[2:].decode(errors="replace"), exit_code=reply[1])
     raise UserError("the mount daemon exited during start-up (see its log)")
 
 

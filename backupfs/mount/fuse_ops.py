@@ -1,14 +1,16 @@
-"""The pyfuse3 adapter: translates FUSE requests to the tree and the block reader.
+"""The pyfuse3 adapter: translates FUSE requests to the mount's view and the block reader.
 
-Only this module imports pyfuse3 (with `daemon.py`, which runs its main loop); errno
-mapping happens here and nowhere else.
+What the filesystem shows (attributes, names, listings, the control directory) is
+decided by `view.py`; this module only converts its plain data to pyfuse3's types, keeps
+the file handles and serves reads. Only this module imports pyfuse3 (with `daemon.py`,
+which runs its main loop); errno mapping happens here and nowhere else.
 """
 
+import contextlib
 import errno
 import logging
 import os
-import stat
-import time
+from collections.abc import Iterator
 from typing import cast
 
 import pyfuse3
@@ -16,13 +18,37 @@ import trio
 
 from backupfs.errors import FetchError, StoreError
 from backupfs.mount import control
-from backupfs.mount.tree import ROOT_INODE, Node, Tree
+from backupfs.mount.tree import Tree
+from backupfs.mount.view import Attributes, ControlFile, ImageFile, MountView, ViewError
 from backupfs.readpath.blocks import BlockReader
 from backupfs.readpath.readahead import ReadaheadConfig, StreamTracker
 from backupfs.remote.metadata import DigestLoader
 
 log = logging.getLogger(__name__)
-IMMUTABLE_TIMEOUT_S = 24 * 3600.0  # snapshots never change: cache names and attributes a day
+
+
+@contextlib.contextmanager
+def _view_errors() -> Iterator[None]:
+    """The one place where the view's refusals become FUSE error replies."""
+    try:
+        yield
+    except ViewError as exc:
+        raise pyfuse3.FUSEError(exc.errno) from None
+
+
+def _entry_attributes(attrs: Attributes) -> pyfuse3.EntryAttributes:
+    entry = pyfuse3.EntryAttributes()
+    entry.st_ino = cast(pyfuse3.InodeT, attrs.inode)
+    entry.entry_timeout = attrs.entry_timeout_s
+    entry.attr_timeout = attrs.attr_timeout_s
+    entry.st_mode = attrs.mode
+    entry.st_nlink = attrs.nlink
+    entry.st_size = attrs.size
+    entry.st_blksize = attrs.blksize
+    entry.st_blocks = attrs.blocks
+    entry.st_uid, entry.st_gid = attrs.uid, attrs.gid
+    entry.st_atime_ns = entry.st_mtime_ns = entry.st_ctime_ns = attrs.mtime_ns
+    return entry
 
 
 class BackupFsOps(pyfuse3.Operations):
@@ -33,147 +59,86 @@ class BackupFsOps(pyfuse3.Operations):
         digests: DigestLoader,
         readahead: ReadaheadConfig,
         allow_other: bool,
-        view: control.MountView,
+        sources: control.StatsSources,
     ) -> None:
         super().__init__()
-        self.tree = tree
-        self.view = view
         self.reader = reader
         self.digests = digests
         self.readahead = readahead
-        self.uid, self.gid = os.getuid(), os.getgid()
-        self.file_mode = 0o444 if allow_other else 0o400
-        self.dir_mode = 0o555 if allow_other else 0o500
-        self._handles: dict[int, tuple[Node, StreamTracker]] = {}
+        self._handles: dict[int, tuple[ImageFile, StreamTracker]] = {}
         self._control_handles: dict[int, bytes] = {}  # contents rendered at open
         self._next_fh = 1
+        self.view = MountView(
+            tree,
+            sources,
+            allow_other=allow_other,
+            uid=os.getuid(),
+            gid=os.getgid(),
+            open_trackers=self._open_trackers,
+        )
         self.initialized = trio.Event()  # set once the kernel's FUSE_INIT is answered
 
     def init(self) -> None:
         self.initialized.set()
 
-    def _node(self, inode: int) -> Node:
-        node = self.tree.nodes.get(inode)
-        if node is None:
-            raise pyfuse3.FUSEError(errno.ENOENT)
-        return node
+    def _open_trackers(self) -> list[StreamTracker]:
+        return [tracker for _, tracker in self._handles.values()]
 
     def _new_fh(self) -> int:
         fh = self._next_fh
         self._next_fh += 1
         return fh
 
-    def _render(self, inode: int) -> bytes:
-        trackers = [tracker for _, tracker in self._handles.values()]
-        return control.render(inode, self.view, trackers, time.monotonic())
-
-    def _control_attr(self, inode: int) -> pyfuse3.EntryAttributes:
-        """Control files change with every read: nothing about them is cached."""
-        attr = pyfuse3.EntryAttributes()
-        attr.st_ino = cast(pyfuse3.InodeT, inode)
-        if inode == control.CONTROL_DIR_INODE:
-            attr.st_mode = stat.S_IFDIR | self.dir_mode
-            attr.st_nlink = 2
-        else:
-            attr.st_mode = stat.S_IFREG | self.file_mode
-            attr.st_nlink = 1
-            attr.st_size = len(self._render(inode))
-        attr.st_uid, attr.st_gid = self.uid, self.gid
-        attr.st_atime_ns = attr.st_mtime_ns = attr.st_ctime_ns = time.time_ns()
-        return attr
-
-    def _attr(self, node: Node) -> pyfuse3.EntryAttributes:
-        attr = pyfuse3.EntryAttributes()
-        attr.st_ino = cast(pyfuse3.InodeT, node.inode)
-        attr.entry_timeout = IMMUTABLE_TIMEOUT_S
-        attr.attr_timeout = IMMUTABLE_TIMEOUT_S
-        if node.is_dir:
-            attr.st_mode = stat.S_IFDIR | self.dir_mode
-            attr.st_nlink = 2 + sum(self.tree.nodes[i].is_dir for i in node.children.values())
-        else:
-            attr.st_mode = stat.S_IFREG | self.file_mode
-            attr.st_nlink = 1
-        attr.st_size = node.size_bytes
-        attr.st_blksize = 1 << 20
-        attr.st_blocks = -(-node.size_bytes // 512)
-        attr.st_uid, attr.st_gid = self.uid, self.gid
-        attr.st_atime_ns = attr.st_mtime_ns = attr.st_ctime_ns = node.mtime_ns
-        return attr
-
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        if control.is_control(inode):
-            return self._control_attr(inode)
-        return self._attr(self._node(inode))
+        with _view_errors():
+            return _entry_attributes(self.view.attributes(inode))
 
     async def lookup(
         self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
-        text = os.fsdecode(name)
-        if parent_inode == ROOT_INODE and text == control.CONTROL_DIR:
-            return self._control_attr(control.CONTROL_DIR_INODE)
-        if parent_inode == control.CONTROL_DIR_INODE and text in control.FILES:
-            return self._control_attr(control.FILES[text])
-        if control.is_control(parent_inode):
-            raise pyfuse3.FUSEError(errno.ENOENT)
-        node = self.tree.lookup(parent_inode, text)
-        if node is None:
-            raise pyfuse3.FUSEError(errno.ENOENT)
-        return self._attr(node)
+        with _view_errors():
+            return _entry_attributes(self.view.lookup(parent_inode, os.fsdecode(name)))
 
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
-        if inode != control.CONTROL_DIR_INODE and not self._node(inode).is_dir:
-            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        with _view_errors():
+            self.view.open_dir(inode)
         return inode
 
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
-        # The control directory lists its files; the root does not list the control directory.
-        if fh == control.CONTROL_DIR_INODE:
-            entries = [(inode, name) for name, inode in control.FILES.items()]
-        else:
-            entries = [(i, self.tree.nodes[i].name) for i in self._node(fh).children.values()]
-        for inode, name in sorted(entries):
-            if inode <= start_id:
-                continue
-            attr = (
-                self._control_attr(inode)
-                if control.is_control(inode)
-                else self._attr(self.tree.nodes[inode])
-            )
-            if not pyfuse3.readdir_reply(token, os.fsencode(name), attr, inode):
-                return
+        with _view_errors():
+            for inode, name in self.view.entries(fh):
+                if inode <= start_id:
+                    continue
+                attrs = _entry_attributes(self.view.attributes(inode))
+                if not pyfuse3.readdir_reply(token, os.fsencode(name), attrs, inode):
+                    return
 
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
-        if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND):
-            raise pyfuse3.FUSEError(errno.EROFS)
-        if control.is_control(inode):
-            if inode == control.CONTROL_DIR_INODE:
-                raise pyfuse3.FUSEError(errno.EISDIR)
+        with _view_errors():
+            opened = self.view.open_file(inode, flags)
+        if isinstance(opened, ControlFile):
             fh = self._new_fh()
-            self._control_handles[fh] = self._render(inode)
+            self._control_handles[fh] = opened.contents
             return pyfuse3.FileInfo(fh=cast(pyfuse3.FileHandleT, fh), direct_io=True)
-        node = self._node(inode)
-        if node.image is None:
-            raise pyfuse3.FUSEError(errno.EISDIR)
         try:
-            await self.digests.ensure(node.image)
+            await self.digests.ensure(opened.image)
         except StoreError as exc:
-            log.error("cannot open %s: %s", node.name, exc)
+            log.error("cannot open %s: %s", opened.name, exc)
             raise pyfuse3.FUSEError(errno.EIO) from None
         fh = self._new_fh()
-        self._handles[fh] = (node, StreamTracker(self.readahead))
+        self._handles[fh] = (opened, StreamTracker(self.readahead))
         return pyfuse3.FileInfo(fh=cast(pyfuse3.FileHandleT, fh), keep_cache=True)
 
     async def read(self, fh: int, off: int, size: int) -> bytes:
         if fh in self._control_handles:
             return self._control_handles[fh][off : off + size]
-        node, tracker = self._handles[fh]
-        assert node.image is not None
+        opened, tracker = self._handles[fh]
         try:
-            return await self.reader.read(node.image, off, size, tracker)
+            return await self.reader.read(opened.image, off, size, tracker)
         except FetchError:
             raise pyfuse3.FUSEError(errno.EIO) from None
         except Exception:
-            log.exception("unexpected error reading %s", node.name)
+            log.exception("unexpected error reading %s", opened.name)
             raise pyfuse3.FUSEError(errno.EIO) from None
 
     async def release(self, fh: int) -> None:
@@ -187,11 +152,12 @@ class BackupFsOps(pyfuse3.Operations):
         return []
 
     async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        fs = self.view.statfs()
         st = pyfuse3.StatvfsData()
-        st.f_bsize = st.f_frsize = 4096
-        st.f_blocks = sum(-(-i.size_bytes // 4096) for i in self.tree.images())
-        st.f_bfree = st.f_bavail = 0
-        st.f_files = len(self.tree.nodes)
-        st.f_ffree = st.f_favail = 0
-        st.f_namemax = 255
+        st.f_bsize = st.f_frsize = fs.block_bytes
+        st.f_blocks = fs.blocks
+        st.f_bfree = st.f_bavail = fs.blocks_free
+        st.f_files = fs.files
+        st.f_ffree = st.f_favail = fs.files_free
+        st.f_namemax = fs.name_max
         return st

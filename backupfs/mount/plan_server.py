@@ -1,7 +1,7 @@
 """The daemon's side of read plans (see plan_channel.py for the protocol).
 
 A restore plan is prefetched in its order, at most `ahead_bytes` beyond what the readers
-have consumed so far (BlockReader counts planned bytes served); a warm plan is fetched
+have consumed so far (the reader's PlanBook moves the plan's cursor); a warm plan is fetched
 whole, up to what the cache holds, with progress reported to the client.
 """
 
@@ -17,7 +17,8 @@ import trio
 from backupfs.errors import FetchError, StoreError
 from backupfs.mount.tree import ROOT_INODE, Tree
 from backupfs.plan.channel import MAX_LINE_BYTES, encode, socket_address
-from backupfs.readpath.blocks import BlockReader, PlanCursor
+from backupfs.readpath.blocks import BlockReader
+from backupfs.readpath.plans import PlanCursor
 from backupfs.remote.metadata import DigestLoader
 from backupfs.store.image import Image
 

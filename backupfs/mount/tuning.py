@@ -1,14 +1,12 @@
 """Best-effort kernel tuning for the mount daemon (measured in docs/benchmarks.md)."""
 
-import ctypes
-import ctypes.util
 import logging
 
 from backupfs.linux.mountinfo import read_mounts_dev
+from backupfs.linux.process import set_io_flusher
 
 log = logging.getLogger(__name__)
 KERNEL_READAHEAD_KB = 1024
-_PR_SET_IO_FLUSHER = 57
 
 
 def mark_io_flusher() -> None:
@@ -19,12 +17,9 @@ def mark_io_flusher() -> None:
     device under memory pressure. The chain is read-only too, so reclaim never has dirty
     pages of it to write back.
     """
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return
-    libc = ctypes.CDLL(name, use_errno=True)
-    if libc.prctl(_PR_SET_IO_FLUSHER, 1, 0, 0, 0) != 0:
-        log.info("PR_SET_IO_FLUSHER unavailable (errno %d)", ctypes.get_errno())
+    err = set_io_flusher()
+    if err:
+        log.info("PR_SET_IO_FLUSHER unavailable (errno %d)", err)
 
 
 def raise_kernel_readahead(mountpoint: str) -> None:

@@ -6,6 +6,8 @@ from cachetools import LRUCache
 
 from backupfs.stats import Stats
 
+BlockKey = tuple[int, int]  # (image_id, block_no): what the read path caches and fetches
+
 
 class BlockCache:
     def __init__(self, max_bytes: int, stats: Stats) -> None:

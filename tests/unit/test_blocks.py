@@ -16,8 +16,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from backupfs.errors import FetchError
-from backupfs.readpath.blocks import BlockReader
+from backupfs.readpath.blocks import BlockReader, ReaderConfig
 from backupfs.readpath.cache import BlockCache
+from backupfs.readpath.plans import PlanCursor
 from backupfs.readpath.readahead import ReadaheadConfig, StreamTracker
 from backupfs.stats import Stats
 from backupfs.store.image import Image
@@ -79,7 +80,8 @@ def make_reader(
     request_size: int = 64 * KiB,
 ) -> BlockReader:
     stats = Stats()
-    return BlockReader(store, BlockCache(cache_bytes, stats), nursery, request_size, stats)  # type: ignore[arg-type]
+    config = ReaderConfig(request_size=request_size)
+    return BlockReader(store, BlockCache(cache_bytes, stats), nursery, config, stats)
 
 
 def fresh() -> StreamTracker:
@@ -403,3 +405,52 @@ async def test_block_evicted_before_its_reader_wakes_is_fetched_again(
     image = make_image(data)
     assert await reader.read(image, 0, 4 * BS, fresh()) == data[: 4 * BS]
     assert len(reader.cache) == 1
+
+
+async def test_planned_blocks_leave_the_cache_once_read_and_move_the_cursor(
+    nursery: trio.Nursery,
+) -> None:
+    data = os.urandom(16 * BS)
+    store = FakeStore({1: data})
+    reader = make_reader(store, nursery)
+    image = make_image(data)
+    cursor = PlanCursor()
+    reader.plan(image, 100, 2 * BS, cursor, position=2 * BS - 100)
+    reader.plan(image, 4 * BS, 5 * BS, cursor, position=3 * BS - 100)
+    assert reader.stats.plan_bytes == 3 * BS - 100
+    await reader.fetched(image, 0, 2 * BS)
+    await reader.fetched(image, 4 * BS, 5 * BS)
+    assert sorted(store.calls) == [(1, 0, 2 * BS), (1, 4 * BS, 5 * BS)]
+    assert await reader.read(image, 0, BS + 10, fresh()) == data[: BS + 10]
+    assert cursor.position == 2 * BS - 100
+    assert (1, 0) not in reader.cache  # all its planned bytes were served
+    assert (1, 1) in reader.cache  # 10 of its bytes only
+    assert await reader.read(image, 4 * BS, BS, fresh()) == data[4 * BS : 5 * BS]
+    assert cursor.position == 3 * BS - 100 and (1, 4) not in reader.cache
+    reader.forget_plan(cursor)
+    assert await reader.read(image, BS, BS, fresh()) == data[BS : 2 * BS]
+    assert (1, 1) in reader.cache  # a forgotten plan's blocks age out normally
+
+
+async def test_reads_of_planned_or_warmed_blocks_do_not_drive_readahead(
+    nursery: trio.Nursery,
+) -> None:
+    data = os.urandom(64 * BS)
+    store = FakeStore({1: data})
+    reader = make_reader(store, nursery, request_size=BS)
+    image = make_image(data)
+    config = ReadaheadConfig(initial_bytes=4 * BS, max_bytes=8 * BS, slack_bytes=BS)
+    reader.prefetch(image, 0, 4 * BS)
+    reader.plan(image, 4 * BS, 8 * BS, PlanCursor(), position=4 * BS)
+    await reader.fetched(image, 0, 8 * BS)
+    tracker = StreamTracker(config)
+    for offset in range(0, 8 * BS, BS):
+        assert await reader.read(image, offset, BS, tracker) == data[offset : offset + BS]
+    await trio.testing.wait_all_tasks_blocked()
+    assert store.fetched_blocks() == list(range(8))
+    assert tracker.streams == []
+    # The same reads of blocks nobody planned do start readahead.
+    for offset in range(16 * BS, 20 * BS, BS):
+        assert await reader.read(image, offset, BS, tracker) == data[offset : offset + BS]
+    await trio.testing.wait_all_tasks_blocked()
+    assert max(store.fetched_blocks()) >= 20

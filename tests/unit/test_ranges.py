@@ -3,7 +3,14 @@
 from hypothesis import given
 from hypothesis import strategies as st
 
-from backupfs.ranges import block_count, block_range, block_span, contiguous_runs, slice_blocks
+from backupfs.ranges import (
+    block_count,
+    block_range,
+    block_span,
+    contiguous_runs,
+    overlap,
+    slice_blocks,
+)
 
 block_sizes = st.sampled_from([1, 2, 3, 7, 16, 512, 4096])
 
@@ -92,3 +99,22 @@ def test_contiguous_runs_examples() -> None:
     assert list(contiguous_runs([1, 2, 3, 7, 8, 20], 8)) == [(1, 4), (7, 9), (20, 21)]
     assert list(contiguous_runs([5], 1)) == [(5, 6)]
     assert list(contiguous_runs(range(3), 1)) == [(0, 1), (1, 2), (2, 3)]
+
+
+@given(
+    start=st.integers(0, 200),
+    length=st.integers(0, 100),
+    lo=st.integers(0, 200),
+    width=st.integers(0, 100),
+)
+def test_overlap_counts_the_common_bytes(start: int, length: int, lo: int, width: int) -> None:
+    common = set(range(start, start + length)) & set(range(lo, lo + width))
+    assert overlap(start, start + length, lo, lo + width) == len(common)
+    assert overlap(lo, lo + width, start, start + length) == len(common)
+
+
+def test_overlap_examples() -> None:
+    assert overlap(500, 2500, 0, 1000) == 500
+    assert overlap(500, 2500, 1000, 2000) == 1000
+    assert overlap(0, 10, 10, 20) == 0  # touching half-open ranges share nothing
+    assert overlap(0, 10, 30, 40) == 0
