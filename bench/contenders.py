@@ -24,8 +24,9 @@ from typing import NamedTuple
 
 from common import cpu_seconds, peak_rss_mib, run_logged
 
-from tests.support.mounting import is_mounted, mounted
+from tests.support.mounting import mounted
 from tests.support.mounting import stop as stop_fuse_daemon
+from tests.support.system import is_mounted, unmount
 
 BACKUPFS = [sys.executable, "-m", "backupfs"]
 READY_TIMEOUT_S = 60.0
@@ -224,13 +225,8 @@ def detach_loop(device: str, image: Path) -> None:
 
 
 def unmount_dir(target: Path) -> None:
-    for _ in range(10):
-        if not is_mounted(target):
-            return
-        if subprocess.run(["umount", str(target)], capture_output=True, timeout=300).returncode:
-            time.sleep(0.5)  # busy for a moment (a process still closing a file)
-    if is_mounted(target):
-        run_logged(["umount", "--lazy", str(target)], timeout=300)
+    """umount, retried while busy for a moment (a process still closing a file), then lazily."""
+    unmount(target, attempts=10, timeout_s=300)
 
 
 def pid_metrics(pids: Callable[[], list[int]]) -> Callable[[], tuple[float, float]]:

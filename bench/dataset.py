@@ -23,6 +23,7 @@ from common import run_logged
 
 from tests.support.disks import PartSpec, make_disk
 from tests.support.mounting import sha256_file
+from tests.support.system import unmount_under
 
 MIB = 1 << 20
 TREE_IMAGE = "bench-tree/2026-01-01T0000Z/disk0.img"
@@ -166,7 +167,7 @@ def debootstrap_tarball(mirror: str) -> Path:
                 timeout=3600,
             )
         finally:
-            _unmount_below(root)  # debootstrap mounts proc and sys inside; a failure may leave them
+            unmount_under(root)  # debootstrap mounts proc and sys inside; a failure may leave them
         partial = tarball.with_suffix(".tar.part")
         run_logged(
             [
@@ -184,14 +185,6 @@ def debootstrap_tarball(mirror: str) -> Path:
         )
         partial.rename(tarball)
     return tarball
-
-
-def _unmount_below(root: Path) -> None:
-    prefix = os.path.realpath(root) + "/"
-    with open("/proc/self/mountinfo") as f:
-        points = [line.split()[4] for line in f]
-    for point in sorted((p for p in points if p.startswith(prefix)), reverse=True):
-        subprocess.run(["umount", "-l", point], capture_output=True, timeout=60)
 
 
 def make_source_tree(dest: Path, tree_source: str | None, mirror: str) -> None:

@@ -60,6 +60,7 @@ from dataset import (
 )
 
 from tests.support.nginx import Nginx
+from tests.support.system import remove_tree
 
 OUT = Path(__file__).resolve().parent / "out"
 Check = Callable[[], str | None]  # None: the result is right; else why it is not
@@ -241,12 +242,7 @@ def one_run(
 def fresh_dir(path: Path) -> None:
     """Empty `path`, refusing if anything below it is still mounted (never delete through a
     mount that cleanup failed to undo)."""
-    prefix = os.path.realpath(path) + "/"
-    with open("/proc/self/mountinfo") as f:
-        left = [line.split()[4] for line in f if line.split()[4].startswith(prefix)]
-    if left:
-        raise RuntimeError(f"still mounted after cleanup: {', '.join(left)}")
-    shutil.rmtree(path, ignore_errors=True)
+    remove_tree(path)
     path.mkdir(parents=True)
 
 

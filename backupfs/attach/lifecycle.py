@@ -9,7 +9,7 @@ import contextlib
 import os
 import stat
 import subprocess
-import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,13 +17,13 @@ from backupfs.attach import fstypes
 from backupfs.attach import state as attach_state
 from backupfs.attach.partitions import Partition, read_disk
 from backupfs.attach.state import Attachment, LoopRecord, MountRecord, PartitionRecord
-from backupfs.errors import UserError
+from backupfs.errors import UsageError, UserError
 from backupfs.linux import loopdev
 from backupfs.linux.mountinfo import read_mounts
+from backupfs.linux.tools import failure_reason
 
 MOUNT_TIMEOUT_S = 120
 DEFAULT_CLONES = 4
-PAUSE_ENV = "BACKUPFS_TEST_PAUSE_AFTER_LOOPS_S"  # test hook: a window to kill attach in
 
 
 @dataclass(frozen=True)
@@ -80,8 +80,7 @@ def _mount(rec: MountRecord) -> None:
     argv = ["mount", "-t", rec.fstype, "-o", rec.options, rec.device, rec.path]
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=MOUNT_TIMEOUT_S)
     if proc.returncode != 0:
-        lines = proc.stderr.strip().splitlines()
-        reason = lines[-1].removeprefix("mount: ") if lines else f"exit {proc.returncode}"
+        reason = failure_reason(proc, "mount: ")
         raise UserError(
             f"p{rec.partition} ({rec.fstype}) refused to mount read-only: {reason} "
             "(--partition K attaches the others)"
@@ -98,10 +97,12 @@ def _select(parts: list[Partition], req: AttachRequest) -> list[Partition]:
     return chosen
 
 
-def attach(req: AttachRequest) -> Attachment:
+def attach(req: AttachRequest, after_loops: Callable[[], None] | None = None) -> Attachment:
+    """Attach as `req` says. `after_loops` runs once every loop device exists and none is
+    mounted yet (tests interrupt attach there)."""
     image, target = os.path.realpath(req.image), os.path.realpath(req.target)
     if req.clones < 1:
-        raise UserError("--clones must be at least 1")
+        raise UsageError("--clones must be at least 1")
     size = _check_image(image)
     parts = _select(read_disk(image, size), req)
     records = [
@@ -117,7 +118,7 @@ def attach(req: AttachRequest) -> Attachment:
     att = Attachment(target, image, req.clones, created, partitions=records)
     attach_state.save(att)
     try:
-        _set_up(att, mountable, req)
+        _set_up(att, mountable, req, after_loops)
     except BaseException:
         with contextlib.suppress(UserError):
             detach_attachment(att)
@@ -125,15 +126,19 @@ def attach(req: AttachRequest) -> Attachment:
     return att
 
 
-def _set_up(att: Attachment, mountable: list[PartitionRecord], req: AttachRequest) -> None:
+def _set_up(
+    att: Attachment,
+    mountable: list[PartitionRecord],
+    req: AttachRequest,
+    after_loops: Callable[[], None] | None,
+) -> None:
     for clone in range(req.clones):
         for part in mountable:
             device = loopdev.attach(att.image, part.start_bytes, part.size_bytes, req.direct_io)
             att.loops.append(LoopRecord(device, part.number, clone, part.start_bytes))
             attach_state.save(att)
-    if pause := os.environ.get(PAUSE_ENV):
-        print("paused after loop devices", flush=True)
-        time.sleep(float(pause))
+    if after_loops is not None:
+        after_loops()
     for loop in att.loops:
         part = next(p for p in mountable if p.number == loop.partition)
         assert part.fstype is not None

@@ -13,31 +13,42 @@ from pathlib import Path
 
 import pytest
 
-from backupfs.store.indexer import index_store
+from tests.support.attachment import ServedStore, attached, served_store
 from tests.support.disks import PartSpec, make_disk, make_tree
 from tests.support.kernel import needs_filesystems
-from tests.support.mounting import BACKUPFS, is_mounted, mounted, run_cli, sha256_file
-from tests.support.nginx import Nginx
+from tests.support.mounting import run_cli, sha256_file
+from tests.support.system import is_mounted, mount_points_under, remove_tree
 
 # vfat is optional: where the kernel lacks it, attach must say so (tested below).
 pytestmark = needs_filesystems("ext2", "ext3", "ext4", "xfs", "btrfs")
 
 SNAP = "web03/2026-11-20T0300Z"
+REPO = Path(__file__).resolve().parents[2]
 
 
 @dataclass
 class Disks:
-    store: Path
-    mnt: Path  # the backupfs mount of the store
+    served: ServedStore
     trees: dict[str, dict[int, dict[str, str]]]  # disk -> partition -> {path: sha256}
 
+    @property
+    def store(self) -> Path:
+        return self.served.root
+
     def image(self, disk: str) -> Path:
-        return self.mnt / SNAP / disk
+        return self.served.image(f"{SNAP}/{disk}")
 
 
 @pytest.fixture(scope="module")
 def disks(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Disks]:
     work = tmp_path_factory.mktemp("disks")
+    try:
+        yield from _serve_disks(work)
+    finally:
+        remove_tree(work)
+
+
+def _serve_disks(work: Path) -> Iterator[Disks]:
     store = work / "store"
     snap = store / SNAP
     snap.mkdir(parents=True)
@@ -64,16 +75,8 @@ def disks(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Disks]:
             specs.append(PartSpec(fstype, size, label=f"{fstype}data", tree=root))
             trees[disk][number] = sums
         make_disk(snap / disk, table, specs)
-    index_store(store, say=lambda _: None)
-    mnt = work / "mnt"
-    mnt.mkdir()
-    with Nginx(store, work / "nginx") as nginx, mounted(nginx.url, mnt):
-        yield Disks(store, mnt, trees)
-
-
-@pytest.fixture
-def run_env(tmp_path: Path) -> dict[str, str]:
-    return {**os.environ, "BACKUPFS_RUN_DIR": str(tmp_path / "run")}
+    with served_store(store, work) as served:
+        yield Disks(served, trees)
 
 
 def _cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
@@ -90,27 +93,22 @@ def _assert_tree(root: Path, sums: dict[str, str]) -> None:
         assert sha256_file(root / rel) == digest, rel
 
 
-def _attach_ok(env: dict[str, str], image: Path, target: Path, *extra: str) -> str:
-    result = _cli(env, "attach", *extra, str(image), str(target))
-    assert result.returncode == 0, result.stderr
-    return result.stdout
+def _assert_detached(image: Path, target: Path) -> None:
+    assert _loops_on(image) == []
+    assert mount_points_under(target) == []
 
 
 def _detach_ok(env: dict[str, str], image: Path, target: Path) -> None:
     result = _cli(env, "detach", str(target))
     assert result.returncode == 0, result.stderr
-    assert _loops_on(image) == []
-    assert not any(
-        str(target) in line for line in Path("/proc/self/mountinfo").read_text().splitlines()
-    )
+    _assert_detached(image, target)
 
 
 def test_gpt_disk_with_three_filesystems(
     disks: Disks, tmp_path: Path, run_env: dict[str, str]
 ) -> None:
     image, target = disks.image("gpt.img"), tmp_path / "restore" / "web03"
-    _attach_ok(run_env, image, target, "--clones", "2")
-    try:
+    with attached(image, target, run_env, "--clones", "2"):
         assert sorted(os.listdir(target)) == ["p1", "p2", "p3"]
         for number, sums in disks.trees["gpt.img"].items():
             _assert_tree(target / f"p{number}", sums)
@@ -125,16 +123,15 @@ def test_gpt_disk_with_three_filesystems(
         text = _cli(run_env, "status").stdout
         assert f"{target}  <-  {image}  (2 clones)" in text
         assert "p2  xfs [xfsdata]  2/2 mounted" in text
-    finally:
-        _detach_ok(run_env, image, target)
+    _assert_detached(image, target)
     assert not target.exists()  # attach made it, detach removes it
 
 
 def test_mbr_disk_skips_swap(disks: Disks, tmp_path: Path, run_env: dict[str, str]) -> None:
     image, target = disks.image("mbr.img"), tmp_path / "t"
     target.mkdir()
-    out = _attach_ok(run_env, image, target, "--clones", "1")
-    try:
+    with attached(image, target, run_env, "--clones", "1") as att:
+        out = att.output
         assert "p3  swap  skipped: swap space, no files" in out
         _assert_tree(target / "p1", disks.trees["mbr.img"][1])
         vfat = "vfat" in Path("/proc/filesystems").read_text()
@@ -146,38 +143,32 @@ def test_mbr_disk_skips_swap(disks: Disks, tmp_path: Path, run_env: dict[str, st
                 in out.replace("vfatdata", "VFATDATA")
             )
         assert sorted(os.listdir(target)) == (["p1", "p2"] if vfat else ["p1"])
-    finally:
-        _detach_ok(run_env, image, target)
+    _assert_detached(image, target)
     assert target.is_dir() and not any(target.iterdir())  # it existed before: kept, empty
 
 
 def test_bare_filesystem_is_p0(disks: Disks, tmp_path: Path, run_env: dict[str, str]) -> None:
     image, target = disks.image("bare.img"), tmp_path / "t"
-    _attach_ok(run_env, image, target)
-    try:
+    with attached(image, target, run_env):
         assert os.listdir(target) == ["p0"]
         _assert_tree(target / "p0", disks.trees["bare.img"][0])
-    finally:
-        _detach_ok(run_env, image, target)
+    _assert_detached(image, target)
 
 
 def test_plain_local_image(disks: Disks, tmp_path: Path, run_env: dict[str, str]) -> None:
     image, target = disks.store / SNAP / "gpt.img", tmp_path / "t"
-    _attach_ok(run_env, image, target, "--partition", "1", "--clones", "1")
-    try:
+    with attached(image, target, run_env, "--partition", "1", "--clones", "1"):
         assert os.listdir(target) == ["p1"]
         _assert_tree(target / "p1", disks.trees["gpt.img"][1])
-    finally:
-        _detach_ok(run_env, image, target)
+    _assert_detached(image, target)
 
 
 def test_attached_filesystems_are_safe(
     disks: Disks, tmp_path: Path, run_env: dict[str, str]
 ) -> None:
     image, target = disks.image("gpt.img"), tmp_path / "t"
-    _attach_ok(run_env, image, target, "--partition", "1", "--clones", "1")
     root = target / "p1"
-    try:
+    with attached(image, target, run_env, "--partition", "1", "--clones", "1"):
         for attempt in (
             lambda: os.open(root / "new", os.O_WRONLY | os.O_CREAT),
             lambda: os.chmod(root / "links", 0o777),
@@ -198,8 +189,7 @@ def test_attached_filesystems_are_safe(
         copy = tmp_path / "copy"
         subprocess.run(["cp", "-a", str(root / "links"), str(copy)], check=True)
         assert os.readlink(copy / "abs-link") == "/etc/hostname"
-    finally:
-        _detach_ok(run_env, image, target)
+    _assert_detached(image, target)
 
 
 def _attach_error(env: dict[str, str], image: Path, target: Path, *extra: str) -> str:
@@ -232,25 +222,37 @@ def test_bad_input(disks: Disks, tmp_path: Path, run_env: dict[str, str]) -> Non
     (busy / "file").write_text("x")
     assert _attach_error(run_env, image, busy) == f"{busy}: not empty"
     assert not target.exists()
-    _attach_ok(run_env, image, target, "--partition", "1", "--clones", "1")
-    try:
+    with attached(image, target, run_env, "--partition", "1", "--clones", "1"):
         assert _attach_error(run_env, image, target, "--partition", "1") == (
             f"{target}: already attached (run `backupfs detach {target}` first)"
         )
-    finally:
-        _detach_ok(run_env, image, target)
+    _assert_detached(image, target)
     nothing = _cli(run_env, "detach", str(target))
     assert nothing.returncode == 0 and nothing.stderr == f"backupfs: nothing attached at {target}\n"
+
+
+# `backupfs attach --clones 2 IMAGE TARGET` that stops for a minute once its loop devices
+# exist and before it mounts anything, saying so on stdout.
+ATTACH_AND_PAUSE = """\
+import sys, time
+from backupfs.attach.lifecycle import AttachRequest, attach
+
+def pause() -> None:
+    print("paused after loop devices", flush=True)
+    time.sleep(60)
+
+attach(AttachRequest(image=sys.argv[1], target=sys.argv[2], clones=2), after_loops=pause)
+"""
 
 
 def test_detach_after_attach_killed_between_loops_and_mounts(
     disks: Disks, tmp_path: Path, run_env: dict[str, str]
 ) -> None:
     image, target = disks.image("gpt.img"), tmp_path / "t"
-    env = {**run_env, "BACKUPFS_TEST_PAUSE_AFTER_LOOPS_S": "60"}
+    path = os.pathsep.join(filter(None, [str(REPO), run_env.get("PYTHONPATH")]))
     proc = subprocess.Popen(
-        [*BACKUPFS, "attach", "--clones", "2", str(image), str(target)],
-        env=env,
+        [sys.executable, "-c", ATTACH_AND_PAUSE, str(image), str(target)],
+        env={**run_env, "PYTHONPATH": path},
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -277,9 +279,14 @@ def test_reads_under_memory_pressure(disks: Disks, tmp_path: Path, run_env: dict
     """Another process holds all but ~1.5 GiB of free memory while files are read through
     loop devices over the FUSE file: reads complete and are correct (no stall, no deadlock)."""
     image, target = disks.image("gpt.img"), tmp_path / "t"
-    _attach_ok(run_env, image, target, "--clones", "1")
-    subprocess.run(["sync"], check=True)
-    Path("/proc/sys/vm/drop_caches").write_text("3")
+    with attached(image, target, run_env, "--clones", "1"):
+        subprocess.run(["sync"], check=True)
+        Path("/proc/sys/vm/drop_caches").write_text("3")
+        _read_all_under_memory_pressure(disks, target)
+    _assert_detached(image, target)
+
+
+def _read_all_under_memory_pressure(disks: Disks, target: Path) -> None:
     hog = subprocess.Popen(
         [sys.executable, str(Path(__file__).parent.parent / "support" / "memhog.py"), "1536"],
         stdout=subprocess.PIPE,
@@ -299,4 +306,3 @@ def test_reads_under_memory_pressure(disks: Disks, tmp_path: Path, run_env: dict
     finally:
         hog.kill()
         hog.wait(timeout=30)
-        _detach_ok(run_env, image, target)

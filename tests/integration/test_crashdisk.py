@@ -7,7 +7,6 @@ way a reboot would and compares SHA-256 sums; e2fsck then checks the image is co
 
 from __future__ import annotations
 
-import ctypes
 import hashlib
 import os
 import random
@@ -16,8 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.crashdisk import CrashDisk, syncfs
+from tests.support.crashdisk import CrashDisk
 from tests.support.kernel import needs_filesystems, needs_root_fuse_loop
+from tests.support.system import syncfs, write_back
 
 pytestmark = [needs_root_fuse_loop, needs_filesystems("ext4")]
 
@@ -67,18 +67,10 @@ def _write_files_fsync(directory: Path, seed: int, count: int = FILES) -> dict[s
 
 
 def _write_back(root: Path, names: Iterable[str]) -> None:
-    """Push the files' data pages to the disk without any flush: sync_file_range(2) with
-    WAIT_BEFORE | WRITE | WAIT_AFTER (writes the data, commits no journal, sends no flush)."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    """Push the files' data pages to the disk without any flush (sync_file_range(2): writes
+    the data, commits no journal, sends no flush)."""
     for name in names:
-        fd = os.open(root / name, os.O_RDONLY)
-        try:
-            if libc.sync_file_range(fd, 0, 0, 1 | 2 | 4) != 0:
-                err = ctypes.get_errno()
-                raise OSError(err, os.strerror(err), name)
-        finally:
-            os.close(fd)
+        write_back(root / name)
 
 
 def _fsync_dir(path: Path) -> None:

@@ -16,6 +16,7 @@ import pytest
 
 from tests.support.disks import MIB, PartSpec, make_disk, make_tree
 from tests.support.kernel import needs_filesystems
+from tests.support.system import remove_tree, unmount
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (mknod, loop mounts)")
 
@@ -61,7 +62,7 @@ def _mounted_ro(image: Path, offset: int, size: int, mnt: Path) -> Iterator[Path
         try:
             yield mnt
         finally:
-            subprocess.run(["umount", str(mnt)], check=True, timeout=60)
+            unmount(mnt)
     finally:
         subprocess.run(["losetup", "-d", loop], check=True, timeout=60)
 
@@ -82,9 +83,12 @@ def _check_tree(mnt: Path, tree: Tree) -> None:
 
 
 @pytest.fixture(scope="module")
-def tree(tmp_path_factory: pytest.TempPathFactory) -> Tree:
-    root = tmp_path_factory.mktemp("tree") / "t"
-    return Tree(root, make_tree(root, seed=7))
+def tree(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Tree]:
+    work = tmp_path_factory.mktemp("tree")
+    try:
+        yield Tree(work / "t", make_tree(work / "t", seed=7))
+    finally:
+        remove_tree(work)
 
 
 def test_make_tree_is_deterministic(tmp_path: Path, tree: Tree) -> None:

@@ -12,18 +12,18 @@ from pathlib import Path
 
 import pytest
 
+from backupfs.errors import EXIT_ERROR, EXIT_STORE, EXIT_USAGE
 from tests.integration.conftest import BIG, BIG_SIZE, SMALL, TOKEN, Store
 from tests.support.mounting import (
     daemon_pids,
-    is_mounted,
     kill_daemons,
     mounted,
     run_cli,
     sha256_file,
     start_foreground,
     stop,
-    unmount,
 )
+from tests.support.system import is_mounted, unmount
 
 
 def test_ls_lists_every_disk(store: Store) -> None:
@@ -115,7 +115,7 @@ def test_background_mount_is_ready_on_return_and_umount_stops_it(store: Store, m
             time.sleep(0.05)
         assert not daemon_pids(mnt) and not is_mounted(mnt)
     finally:
-        unmount(mnt)
+        unmount(mnt, fuse=True)
         kill_daemons(mnt)
 
 
@@ -153,7 +153,7 @@ def test_bearer_token_from_file(store: Store, mnt: Path, tmp_path: Path) -> None
         cmdline = Path(f"/proc/{proc.pid}/cmdline").read_bytes()
         assert TOKEN.encode() not in cmdline
     denied = run_cli("mount", url, str(mnt))
-    assert denied.returncode == 1
+    assert denied.returncode == EXIT_STORE
     assert (
         denied.stderr
         == (
@@ -165,9 +165,9 @@ def test_bearer_token_from_file(store: Store, mnt: Path, tmp_path: Path) -> None
     assert not is_mounted(mnt)
 
 
-def _mount_error(url: str, mnt: Path, *extra: str) -> str:
+def _mount_error(url: str, mnt: Path, *extra: str, rc: int = EXIT_STORE) -> str:
     result = run_cli("mount", *extra, url, str(mnt))
-    assert result.returncode == 1, result
+    assert result.returncode == rc, result
     assert result.stdout == ""
     assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
     assert not is_mounted(mnt)
@@ -206,14 +206,18 @@ def test_unreachable_store(mnt: Path) -> None:
 
 
 def test_argument_errors(store: Store, mnt: Path, tmp_path: Path) -> None:
-    assert _mount_error(store.url, tmp_path / "nope") == (
+    assert _mount_error(store.url, tmp_path / "nope", rc=EXIT_ERROR) == (
         f"mountpoint {tmp_path / 'nope'} does not exist"
     )
-    assert _mount_error(store.url, mnt, "-o", "bogus=1") == "unknown mount option 'bogus'"
-    assert _mount_error("http://u:pw@127.0.0.1:1/", mnt) == (
+    assert _mount_error(store.url, mnt, "-o", "bogus=1", rc=EXIT_USAGE) == (
+        "unknown mount option 'bogus'"
+    )
+    assert _mount_error("http://u:pw@127.0.0.1:1/", mnt, rc=EXIT_USAGE) == (
         "credentials in the URL are refused; use -o token_file= or -o netrc="
     )
-    assert _mount_error("ftp://example/", mnt) == "not an http(s) URL: ftp://example/"
+    assert _mount_error("ftp://example/", mnt, rc=EXIT_USAGE) == (
+        "not an http(s) URL: ftp://example/"
+    )
     with mounted(store.url, mnt):
         result = run_cli("mount", store.url, str(mnt))
         assert result.returncode == 1
@@ -232,7 +236,7 @@ def test_block_size_option(store: Store, mnt: Path) -> None:
         for _ in range(50):
             offset, size = rng.randrange(0, BIG_SIZE), rng.choice([100, 70_000, 3 << 20])
             assert os.pread(f.fileno(), size, offset) == os.pread(src.fileno(), size, offset)
-    assert _mount_error(store.url, mnt, "-o", "block_size=100K") == (
+    assert _mount_error(store.url, mnt, "-o", "block_size=100K", rc=EXIT_USAGE) == (
         f"block_size=102400 is not a multiple of the store's block size (65536) for {BIG}"
     )
 

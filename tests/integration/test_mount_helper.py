@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from backupfs.linux.mountinfo import top_fstype
 from tests.integration.conftest import SMALL, Store
 from tests.support.kernel import needs_filesystems
-from tests.support.mounting import daemon_pids, is_mounted, kill_daemons, sha256_file, unmount
+from tests.support.mounting import daemon_pids, kill_daemons, sha256_file
+from tests.support.system import is_mounted, top_fstype, unmount
 
 DISK = next(iter(SMALL))
 
@@ -26,7 +26,7 @@ def helper_mnt(mnt: Path) -> Iterator[Path]:
     try:
         yield mnt
     finally:
-        unmount(mnt)
+        unmount(mnt, fuse=True)
         kill_daemons(mnt)
 
 
@@ -104,7 +104,7 @@ def test_mounts_over_a_systemd_automount_trigger(store: Store, helper_mnt: Path)
         _wait_for_exit(helper_mnt)
         assert top_fstype(str(helper_mnt)) == "autofs"
     finally:
-        unmount(helper_mnt)
+        unmount(helper_mnt, fuse=True)
         subprocess.run(["umount", str(helper_mnt)], capture_output=True)
         os.close(read_end)
         os.close(write_end)

@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 
 from backupfs.plan import metaprefetch, readplan
-from backupfs.store.indexer import index_store
+from tests.support import attachment
 from tests.support.disks import PartSpec, make_disk, make_tree
 from tests.support.kernel import needs_filesystems
-from tests.support.mounting import mounted, read_stats, run_cli, sha256_file
-from tests.support.nginx import Nginx
+from tests.support.mounting import read_stats, run_cli, sha256_file
+from tests.support.system import remove_tree
 
 pytestmark = needs_filesystems("ext4", "xfs")
 
@@ -35,6 +35,13 @@ class Attached:
 @pytest.fixture(scope="module")
 def attached(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Attached]:
     work = tmp_path_factory.mktemp("readplan")
+    try:
+        yield from _attach_disk(work)
+    finally:
+        remove_tree(work)
+
+
+def _attach_disk(work: Path) -> Iterator[Attached]:
     store = work / "store"
     (store / SNAP).mkdir(parents=True)
     trees, specs = {}, []
@@ -43,18 +50,14 @@ def attached(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Attached]:
         trees[number] = make_tree(root, seed=number, files=60, special=False)
         specs.append(PartSpec(fstype, 300, tree=root))
     make_disk(store / SNAP / DISK, "gpt", specs)
-    index_store(store, say=lambda _: None)
-    mnt, target = work / "mnt", work / "target"
-    mnt.mkdir()
-    env = {**os.environ, "BACKUPFS_RUN_DIR": str(work / "run")}
-    with Nginx(store, work / "nginx") as nginx, mounted(nginx.url, mnt, "cache_size=256M"):
-        result = run_cli("attach", "--clones", "2", str(mnt / SNAP / DISK), str(target), env=env)
-        assert result.returncode == 0, result.stderr
-        try:
-            yield Attached(store / SNAP / DISK, mnt, target, env, trees)
-        finally:
-            detached = run_cli("detach", str(target), env=env)
-            assert detached.returncode == 0, detached.stderr
+    env = attachment.attach_env(work / "run")
+    with (
+        attachment.served_store(store, work, "cache_size=256M") as served,
+        attachment.attached(
+            served.image(f"{SNAP}/{DISK}"), work / "target", env, "--clones", "2"
+        ) as att,
+    ):
+        yield Attached(store / SNAP / DISK, served.mnt, att.target, att.env, trees)
 
 
 @pytest.fixture
@@ -107,7 +110,8 @@ def test_extents_read_from_the_inodes_are_the_file_bytes_in_the_image(
     root = attached.target / "p1"
     source = readplan.source_of(str(root))
     assert source is not None
-    walked = readplan.prefetch_metadata(str(root))
+    known = readplan.KnownExtents()
+    walked = readplan.prefetch_metadata(str(root), known=known)
     assert walked is not None and walked.errors == []
     learnt = 0
     with open(attached.image, "rb") as image:
@@ -116,7 +120,9 @@ def test_extents_read_from_the_inodes_are_the_file_bytes_in_the_image(
             found = walked.files[st.st_ino]
             assert (found.rel, found.size) == (os.fsencode(rel), st.st_size)
             learnt += found.extents is not None
-            ranges = list(readplan.image_ranges(source, [("/nonexistent", st.st_size, st.st_ino)]))
+            ranges = list(
+                readplan.image_ranges(source, [("/nonexistent", st.st_size, st.st_ino)], known)
+            )
             data = hashlib.sha256()
             for start, end in ranges:
                 image.seek(start)

@@ -12,7 +12,11 @@ from pathlib import Path
 
 import pytest
 
+from backupfs.errors import EXIT_PARTIAL
+from backupfs.store.indexer import index_store
+from tests.support.attachment import attached, served_store
 from tests.support.mounting import BACKUPFS, run_cli, sha256_file
+from tests.support.system import unmount
 
 MiB = 1 << 20
 
@@ -75,7 +79,9 @@ def listing(root: Path) -> dict[str, tuple[object, ...]]:
 
 
 @pytest.fixture
-def attached_tree(tmp_path: Path) -> Iterator[tuple[Path, dict[str, tuple[object, ...]]]]:
+def attached_tree(
+    tmp_path: Path, run_env: dict[str, str]
+) -> Iterator[tuple[Path, dict[str, tuple[object, ...]]]]:
     """An ext4 image populated read-write, then attached read-only with two clones."""
     image, rw = tmp_path / "disk.img", tmp_path / "rw"
     rw.mkdir()
@@ -84,15 +90,9 @@ def attached_tree(tmp_path: Path) -> Iterator[tuple[Path, dict[str, tuple[object
     try:
         populate(rw)
     finally:
-        subprocess.run(["umount", str(rw)], check=True)
-    env = {**os.environ, "BACKUPFS_RUN_DIR": str(tmp_path / "run")}
-    target = tmp_path / "attached"
-    result = run_cli("attach", "--clones", "2", str(image), str(target), env=env)
-    assert result.returncode == 0, result.stderr
-    try:
-        yield target / "p0", listing(target / "p0")
-    finally:
-        assert run_cli("detach", str(target), env=env).returncode == 0
+        unmount(rw)
+    with attached(image, tmp_path / "attached", run_env, "--clones", "2") as att:
+        yield att.target / "p0", listing(att.target / "p0")
 
 
 def _restore(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -110,16 +110,17 @@ def _sectors_read(env: dict[str, str]) -> dict[str, int]:
     }
 
 
-def test_metadata_round_trip(attached_tree: tuple[Path, dict], tmp_path: Path) -> None:
+def test_metadata_round_trip(
+    attached_tree: tuple[Path, dict], tmp_path: Path, run_env: dict[str, str]
+) -> None:
     source, before = attached_tree
     dest = tmp_path / "restored"
-    env = {**os.environ, "BACKUPFS_RUN_DIR": str(tmp_path / "run")}
     subprocess.run(["sync"], check=True)
     Path("/proc/sys/vm/drop_caches").write_text("3")  # so the copy reads the loop devices
-    sectors_before = _sectors_read(env)
-    result = _restore(str(source), str(dest), env=env)
+    sectors_before = _sectors_read(run_env)
+    result = _restore(str(source), str(dest), env=run_env)
     assert result.returncode == 0, result.stderr
-    sectors_after = _sectors_read(env)
+    sectors_after = _sectors_read(run_env)
     assert len(sectors_after) == 2
     assert all(sectors_after[d] > sectors_before[d] for d in sectors_after), "a clone sat idle"
     assert result.stdout.splitlines()[-1].startswith(f"flushed {tmp_path}")
@@ -258,7 +259,7 @@ def test_full_disk_reports_failures_and_leaves_no_partial_files(tmp_path: Path) 
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", str(small)], check=True)
     try:
         result = _restore("--jobs", "1", "--json", str(source), str(small / "dest"))
-        assert result.returncode == 1
+        assert result.returncode == EXIT_PARTIAL
         failed = [
             line for line in result.stderr.splitlines() if line.startswith("backupfs: failed:")
         ]
@@ -275,7 +276,7 @@ def test_full_disk_reports_failures_and_leaves_no_partial_files(tmp_path: Path) 
         )
         assert not [p for p in (small / "dest").iterdir() if p.name.startswith(".backupfs-tmp")]
     finally:
-        subprocess.run(["umount", str(small)], check=True)
+        unmount(small)
 
 
 def test_flush_says_how(tmp_path: Path) -> None:
@@ -289,13 +290,11 @@ def test_flush_says_how(tmp_path: Path) -> None:
     assert missing.stderr == f"backupfs: {tmp_path / 'nope'}: no such file or directory\n"
 
 
-def test_a_bad_block_in_the_backup_fails_one_file_only(tmp_path: Path) -> None:
+def test_a_bad_block_in_the_backup_fails_one_file_only(
+    tmp_path: Path, run_env: dict[str, str]
+) -> None:
     """One corrupted byte in the store: its block fails verification (EIO) through the
     mount, the loop device and ext4; restore reports that file and restores the rest."""
-    from backupfs.store.indexer import index_store
-    from tests.support.mounting import mounted
-    from tests.support.nginx import Nginx
-
     tree, store = tmp_path / "tree", tmp_path / "store"
     tree.mkdir()
     sums = {}
@@ -318,17 +317,13 @@ def test_a_bad_block_in_the_backup_fails_one_file_only(tmp_path: Path) -> None:
         f.seek(offset)
         f.write(bytes([byte[0] ^ 0xFF]))
     os.utime(image, ns=(st.st_atime_ns, st.st_mtime_ns))  # same ETag: only the digest differs
-    mnt, target, dest = tmp_path / "mnt", tmp_path / "attached", tmp_path / "restored"
-    mnt.mkdir()
-    env = {**os.environ, "BACKUPFS_RUN_DIR": str(tmp_path / "run")}
-    with Nginx(store, tmp_path / "nginx") as nginx, mounted(nginx.url, mnt):
-        result = run_cli("attach", str(mnt / "h/2026-01-01/disk.img"), str(target), env=env)
-        assert result.returncode == 0, result.stderr
-        try:
-            result = _restore(str(target / "p0"), str(dest), env=env)
-        finally:
-            assert run_cli("detach", str(target), env=env).returncode == 0
-    assert result.returncode == 1
+    target, dest = tmp_path / "attached", tmp_path / "restored"
+    with (
+        served_store(store, tmp_path, index=False) as served,  # indexed before the damage
+        attached(served.image("h/2026-01-01/disk.img"), target, run_env) as att,
+    ):
+        result = _restore(str(target / "p0"), str(dest), env=att.env)
+    assert result.returncode == EXIT_PARTIAL
     assert result.stderr.splitlines() == [
         "backupfs: failed: bad.bin: Input/output error",
         "backupfs: 1 files failed, the rest was restored",

@@ -9,17 +9,11 @@ from pathlib import Path
 
 import pytest
 
+from backupfs.errors import EXIT_ERROR, EXIT_STORE
 from tests.integration.conftest import NGINX_EXTRA, TOKEN, Store
-from tests.support.mounting import (
-    daemon_pids,
-    is_mounted,
-    kill_daemons,
-    mounted,
-    run_cli,
-    sha256_file,
-    unmount,
-)
+from tests.support.mounting import daemon_pids, kill_daemons, mounted, run_cli, sha256_file
 from tests.support.nginx import Nginx, Pki, Tls, basic_auth_location, htpasswd_line, make_pki
+from tests.support.system import is_mounted, unmount
 
 SMALL_REL = "web02/2026-11-19/data.img"
 USER, PASSWORD = "alice", "pa55 w0rd-that-must-not-leak"
@@ -56,9 +50,9 @@ def _secret_file(path: Path, text: str, mode: int = 0o600) -> Path:
     return path
 
 
-def _one_line_error(*args: str) -> str:
+def _one_line_error(*args: str, rc: int = EXIT_STORE) -> str:
     result = run_cli(*args)
-    assert result.returncode == 1, result
+    assert result.returncode == rc, result
     assert result.stdout == ""
     assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr, result.stderr
     return result.stderr.removeprefix("backupfs: ").rstrip("\n")
@@ -112,7 +106,7 @@ def test_insecure_skips_verification_with_a_warning(
         _read_back(store, mnt)
         assert "insecure: TLS certificate verification is off" in log_file.read_text()
     finally:
-        unmount(mnt)
+        unmount(mnt, fuse=True)
         kill_daemons(mnt)
 
 
@@ -158,7 +152,7 @@ def test_basic_auth_from_netrc(
         "HTTP 401 (check -o netrc=)"
     )
     elsewhere = _secret_file(tmp_path / "elsewhere", "machine other.example login a password b\n")
-    assert _one_line_error("ls", "-o", f"{ca},netrc={elsewhere}", url) == (
+    assert _one_line_error("ls", "-o", f"{ca},netrc={elsewhere}", url, rc=EXIT_ERROR) == (
         f"netrc {elsewhere} has no entry for 127.0.0.1 (nor a default entry)"
     )
 
@@ -207,5 +201,5 @@ def test_group_readable_token_warns_and_relative_paths_survive_the_fork(
         assert len(daemon_pids(mnt)) == 1
         assert warning in log_file.read_text()
     finally:
-        unmount(mnt)
+        unmount(mnt, fuse=True)
         kill_daemons(mnt)

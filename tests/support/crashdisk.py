@@ -72,7 +72,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import errno
 import json
 import logging
@@ -89,6 +88,8 @@ from typing import Any
 
 import pyfuse3
 import trio
+
+from tests.support.system import is_mounted, unmount
 
 PAGE = 4096
 MIB = 1 << 20
@@ -370,18 +371,6 @@ def main(argv: list[str] | None = None) -> int:
 # the helper for tests
 
 
-def syncfs(path: Path) -> None:
-    """syncfs(2) on the filesystem holding `path`."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        if libc.syncfs(fd) != 0:
-            err = ctypes.get_errno()
-            raise OSError(err, os.strerror(err), str(path))
-    finally:
-        os.close(fd)
-
-
 def _run(cmd: list[str]) -> str:
     proc = subprocess.run(
         cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=_TIMEOUT_S
@@ -392,12 +381,6 @@ def _run(cmd: list[str]) -> str:
             f"{proc.stderr.strip() or proc.stdout.strip()}"
         )
     return proc.stdout
-
-
-def _is_mounted(path: Path) -> bool:
-    real = os.path.realpath(path)
-    with open("/proc/self/mountinfo") as f:
-        return any(line.split()[4] == real for line in f)
 
 
 def _loop_attached(dev: str) -> bool:
@@ -509,7 +492,7 @@ class CrashDisk:
         if proc is None:
             return
         try:
-            if proc.poll() is None and _is_mounted(self.fuse_dir):
+            if proc.poll() is None and is_mounted(self.fuse_dir):
                 subprocess.run(
                     ["fusermount3", "-u", str(self.fuse_dir)],
                     capture_output=True,
@@ -524,8 +507,8 @@ class CrashDisk:
         finally:
             if proc.stdout is not None:
                 proc.stdout.close()
-            if _is_mounted(self.fuse_dir):  # the daemon died without unmounting
-                subprocess.run(["umount", "-l", str(self.fuse_dir)], timeout=_TIMEOUT_S)
+            # the daemon may have died without unmounting
+            unmount(self.fuse_dir, fuse=True, timeout_s=_TIMEOUT_S)
             self._daemon = None
 
     def _kill_daemon(self) -> None:
@@ -542,26 +525,9 @@ class CrashDisk:
     # -- mounts and loop devices -------------------------------------------------------------
 
     def _umount(self, mnt: Path) -> None:
-        for attempt in range(10):
-            if not _is_mounted(mnt):
-                return
-            proc = subprocess.Popen(
-                ["umount", str(mnt)],
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-            )
-            try:
-                returncode = proc.wait(timeout=_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                # umount waits (uninterruptibly) on writeback through a daemon that hangs:
-                # end our daemon, which fails the outstanding FUSE requests, then wait again
-                self._kill_daemon()
-                returncode = proc.wait(timeout=_TIMEOUT_S)
-            if returncode == 0:
-                return
-            time.sleep(0.1 * (attempt + 1))
-        _run(["umount", "-l", str(mnt)])
+        # umount waits (uninterruptibly) on writeback through a daemon that hangs: ending
+        # our daemon fails the outstanding FUSE requests, and the umount goes on
+        unmount(mnt, attempts=10, timeout_s=_TIMEOUT_S, on_hang=self._kill_daemon)
 
     @staticmethod
     def _detach(dev: str) -> None:

@@ -23,10 +23,11 @@ import shutil
 import stat
 import subprocess
 import tempfile
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+
+from tests.support.system import unmount
 
 MIB = 1 << 20
 SECTOR = 512
@@ -134,15 +135,6 @@ def _resparsify(path: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def _umount(mnt: Path) -> None:
-    for _ in range(5):
-        proc = subprocess.run(["umount", str(mnt)], capture_output=True, timeout=_TIMEOUT_S)
-        if proc.returncode == 0:
-            return
-        time.sleep(0.2)
-    _run(["umount", "-l", str(mnt)])
-
-
 @contextlib.contextmanager
 def _loop_mounted(image: Path, fstype: str) -> Iterator[Path]:
     """Mount a filesystem image read-write through a loop device; undo both afterwards."""
@@ -154,7 +146,7 @@ def _loop_mounted(image: Path, fstype: str) -> Iterator[Path]:
             try:
                 yield mnt
             finally:
-                _umount(mnt)
+                unmount(mnt, attempts=5, timeout_s=_TIMEOUT_S)
         finally:
             _run(["losetup", "-d", loop])
     finally:

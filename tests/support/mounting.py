@@ -4,6 +4,7 @@ import contextlib
 import hashlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -13,6 +14,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from tests.support.system import unmount
 
 BACKUPFS = [sys.executable, "-m", "backupfs"]
 READY_TIMEOUT_S = 30.0
@@ -41,38 +44,41 @@ def read_stats(mountpoint: Path) -> dict[str, Any]:
     return json.loads((mountpoint / ".backupfs" / "stats").read_text())
 
 
-def is_mounted(path: Path) -> bool:
-    real = os.path.realpath(path)
-    with open("/proc/self/mountinfo") as f:
-        return any(line.split()[4] == real for line in f)
-
-
-def unmount(path: Path) -> None:
-    """fusermount3 -u, then a lazy unmount if that fails."""
-    if not is_mounted(path):
-        return
-    if subprocess.run(["fusermount3", "-u", str(path)], capture_output=True, timeout=30).returncode:
-        subprocess.run(["umount", "-l", str(path)], capture_output=True, timeout=30)
-
-
 def stop(proc: subprocess.Popen[bytes], mountpoint: Path) -> None:
-    unmount(mountpoint)
+    """Unmount (fusermount3 -u, then lazily), let the daemon exit, kill it by its PID if it
+    does not; unmount again, in case it died without unmounting."""
     try:
-        proc.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(timeout=15)
-    unmount(mountpoint)
+        unmount(mountpoint, fuse=True)
+    finally:
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=15)
+    unmount(mountpoint, fuse=True)
 
 
 def start_foreground(url: str, mountpoint: Path, *options: str) -> subprocess.Popen[bytes]:
-    """Start a foreground daemon; return once it reported READY=1 over NOTIFY_SOCKET."""
+    """Start a foreground daemon; return once it reported READY=1 over NOTIFY_SOCKET.
+
+    The socket and the daemon's log are in a short-named directory of their own (a socket
+    path has at most 107 bytes), removed on return: the log is read if the daemon fails
+    before it is ready; after that, its writes go to the unlinked file."""
     sock_dir = tempfile.mkdtemp(prefix="bfs-notify-")
-    sock_path = os.path.join(sock_dir, "notify")
+    try:
+        return _start_foreground(url, mountpoint, options, Path(sock_dir))
+    finally:
+        shutil.rmtree(sock_dir, ignore_errors=True)
+
+
+def _start_foreground(
+    url: str, mountpoint: Path, options: tuple[str, ...], sock_dir: Path
+) -> subprocess.Popen[bytes]:
+    sock_path = str(sock_dir / "notify")
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
         sock.bind(sock_path)
         opts = ["-o", ",".join(options)] if options else []
-        log = open(Path(sock_dir) / "log", "wb")  # noqa: SIM115 - lives as long as the daemon
+        log = open(sock_dir / "log", "wb")  # noqa: SIM115 - lives as long as the daemon
         proc = subprocess.Popen(
             [*BACKUPFS, "mount", "-f", *opts, url, str(mountpoint)],
             env={**os.environ, "NOTIFY_SOCKET": sock_path},
@@ -89,15 +95,13 @@ def start_foreground(url: str, mountpoint: Path, *options: str) -> subprocess.Po
                     if sock.recv(64).startswith(b"READY=1"):
                         return proc
                 if proc.poll() is not None:
-                    text = (Path(sock_dir) / "log").read_text(errors="replace")
+                    text = (sock_dir / "log").read_text(errors="replace")
                     raise RuntimeError(f"daemon exited with {proc.returncode}: {text[-2000:]}")
                 if time.monotonic() > deadline:
                     raise TimeoutError("mount did not become ready")
         except BaseException:
             stop(proc, mountpoint)
             raise
-        finally:
-            os.unlink(sock_path)
 
 
 @contextlib.contextmanager

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from backupfs.cli import build_parser
+from backupfs.cli.parser import build_parser
 from backupfs.options import MountOptions
 
 COMPLETION = Path(__file__).resolve().parents[2] / "contrib" / "backupfs.bash-completion"

@@ -16,6 +16,7 @@ import pytest
 
 from backupfs.errors import UserError
 from backupfs.readpath.diskcache import DiskCache
+from tests.support.system import unmount
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="mounts a tmpfs")
 
@@ -42,8 +43,7 @@ def tmpfs(mnt: Path, size: str) -> Iterator[Path]:
     try:
         yield mnt
     finally:
-        if subprocess.run(["umount", str(mnt)], timeout=30).returncode != 0:
-            subprocess.run(["umount", "-l", str(mnt)], timeout=30)
+        unmount(mnt, timeout_s=30)
 
 
 def test_round_trip_and_layout(tmp_path: Path) -> None:

@@ -3,7 +3,8 @@
 import os
 from pathlib import Path
 
-from backupfs.plan.extents import Extent, file_extents, merge, to_image
+from backupfs.linux.fiemap import Extent, file_extents
+from backupfs.plan.extents import merge, to_image
 
 
 def test_merge_joins_small_gaps_in_reading_order() -> None:
