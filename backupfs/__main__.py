@@ -1,3 +1,3 @@
-from backupfs.cli import main
+from backupfs.cli.main import main
 
 raise SystemExit(main())

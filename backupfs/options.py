@@ -6,7 +6,7 @@ import re
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
-from backupfs.errors import UserError
+from backupfs.errors import UsageError
 
 # Options that mount(8), fstab and systemd pass along; they mean nothing to backupfs.
 GENERIC_OPTIONS = frozenset(
@@ -57,7 +57,7 @@ class MountOptions:
 def parse_size(text: str, name: str) -> int:
     m = _SIZE.fullmatch(text.strip())
     if not m:
-        raise UserError(f"option {name}={text}: not a size (e.g. 512K, 64M, 1G)")
+        raise UsageError(f"option {name}={text}: not a size (e.g. 512K, 64M, 1G)")
     return int(m.group(1)) * _UNITS[m.group(2).upper()]
 
 
@@ -65,15 +65,15 @@ def _parse_seconds(text: str, name: str) -> float:
     try:
         value = float(text.removesuffix("s"))
     except ValueError:
-        raise UserError(f"option {name}={text}: not a number of seconds") from None
+        raise UsageError(f"option {name}={text}: not a number of seconds") from None
     if not math.isfinite(value) or value <= 0:
-        raise UserError(f"option {name}={text}: must be positive")
+        raise UsageError(f"option {name}={text}: must be positive")
     return value
 
 
 def _parse_count(text: str, name: str, lo: int) -> int:
     if not (text.isascii() and text.isdigit()) or int(text) < lo:
-        raise UserError(f"option {name}={text}: must be an integer >= {lo}")
+        raise UsageError(f"option {name}={text}: must be an integer >= {lo}")
     return int(text)
 
 
@@ -98,18 +98,18 @@ def parse_options(option_strings: list[str]) -> MountOptions:
         if not key or key in GENERIC_OPTIONS or key.startswith("x-"):
             continue
         if key not in known:
-            raise UserError(f"unknown mount option '{key}'")
+            raise UsageError(f"unknown mount option '{key}'")
         if (key in _FLAGS) == bool(has_value):
             want = "takes no value" if key in _FLAGS else "needs a value (name=value)"
-            raise UserError(f"mount option '{key}' {want}")
+            raise UsageError(f"mount option '{key}' {want}")
         values[key] = _parse_value(key, value)
     opts = replace(MountOptions(), **values)  # type: ignore[arg-type]
     if opts.token_file is not None and opts.netrc is not None:
-        raise UserError("mount options token_file= and netrc= exclude each other")
+        raise UsageError("mount options token_file= and netrc= exclude each other")
     if opts.cafile is not None and opts.insecure:
-        raise UserError("mount options cafile= and insecure exclude each other")
+        raise UsageError("mount options cafile= and insecure exclude each other")
     if opts.key is not None and opts.cert is None:
-        raise UserError("mount option key= needs cert=")
+        raise UsageError("mount option key= needs cert=")
     # A small cache shrinks the defaults with it; explicit values must fit.
     if "request_size" not in values:
         per_connection = opts.cache_size // 4 // opts.connections
@@ -117,9 +117,9 @@ def parse_options(option_strings: list[str]) -> MountOptions:
     if "readahead" not in values:
         opts = replace(opts, readahead=min(opts.readahead, opts.lru_bytes // 2))
     if opts.in_flight_bytes > opts.cache_size // 2:
-        raise UserError("connections= x request_size= must be at most half of cache_size=")
+        raise UsageError("connections= x request_size= must be at most half of cache_size=")
     if opts.readahead > opts.lru_bytes // 2:
-        raise UserError(
+        raise UsageError(
             "readahead= must be at most half of cache_size= less connections= x request_size="
         )
     return opts

@@ -18,7 +18,7 @@ fi
 python3 -m pip install -q --disable-pip-version-check -e ".[test]" 2>&1 \
     | grep -v -e "^WARNING: Location" -e "^WARNING: Running pip as the 'root' user" \
         -e "^\[notice\]" || true
-python3 -c "import backupfs.cli, pyfuse3, trio, httpx, cachetools" \
+python3 -c "import backupfs.cli.main, pyfuse3, trio, httpx, cachetools" \
     || { echo "setup: Python dependencies did not install" >&2; exit 1; }
 # mount.fuse3 (mount -t fuse.backupfs, fstab, systemd) runs `backupfs` from the standard PATH.
 script=$(python3 -c 'import sysconfig; print(sysconfig.get_path("scripts"))')/backupfs

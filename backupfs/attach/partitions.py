@@ -11,6 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from backupfs.errors import UserError
+from backupfs.linux.tools import failure_reason
 
 TOOL_TIMEOUT_S = 120
 PROBE_BYTES = 1 << 20  # blkid and sfdisk look near the start and the end of a device
@@ -80,8 +81,7 @@ def probe(
     if proc.returncode == 2:
         return {}
     if proc.returncode != 0:
-        reason = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "failed"
-        raise UserError(f"{image}: blkid: {reason}")
+        raise UserError(f"{image}: blkid: {failure_reason(proc)}")
     return parse_blkid_export(proc.stdout)
 
 

@@ -118,3 +118,30 @@ def load_all() -> list[Attachment]:
         except (OSError, ValueError, TypeError, KeyError):
             continue
     return found
+
+
+@dataclass(frozen=True)
+class Location:
+    """Where a path lies in an attachment: which partition, on which clone's mount."""
+
+    attachment: Attachment
+    partition: PartitionRecord
+    mount: MountRecord  # the clone mount that holds the path
+    rel: str  # the path relative to that mount ("." for the mount itself)
+
+    def on_every_clone(self) -> list[str]:
+        """The same path on each clone of the partition, clone 0 first."""
+        mounts = self.attachment.clone_mounts(self.partition.number)
+        return [os.path.normpath(os.path.join(m.path, self.rel)) for m in mounts]
+
+
+def locate(path: str) -> Location | None:
+    """The attachment, partition and clone mount holding `path` (on any clone), or None.
+    `path` is resolved first, so a symlink to an attached directory counts too."""
+    real = os.path.realpath(path)
+    for att in load_all():
+        for part in att.partitions:
+            for mount in att.clone_mounts(part.number):
+                if real == mount.path or real.startswith(mount.path + os.sep):
+                    return Location(att, part, mount, os.path.relpath(real, mount.path))
+    return None

@@ -4,6 +4,7 @@ import subprocess
 from pathlib import Path
 
 from backupfs.errors import UserError
+from backupfs.linux.tools import failure_reason
 
 TIMEOUT_S = 60
 
@@ -16,7 +17,7 @@ def attach(image: str, start_bytes: int, size_bytes: int, direct_io: bool) -> st
     ]  # fmt: skip
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=TIMEOUT_S)
     if proc.returncode != 0:
-        reason = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "failed"
+        reason = failure_reason(proc)
         if "free loop" in reason:
             raise UserError("no free loop device (see `losetup -a`)")
         raise UserError(f"cannot set up a loop device on {image}: {reason}")
@@ -41,4 +42,4 @@ def detach(device: str, image: str, start_bytes: int) -> None:
     proc = subprocess.run(["losetup", "-d", device], capture_output=True, text=True,
                           timeout=TIMEOUT_S)  # fmt: skip
     if proc.returncode != 0 and backing(device) is not None:
-        raise UserError(f"cannot free {device}: {proc.stderr.strip() or 'losetup -d failed'}")
+        raise UserError(f"cannot free {device}: {failure_reason(proc, 'losetup: ')}")

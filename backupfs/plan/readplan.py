@@ -17,18 +17,11 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 from backupfs.attach import state as attach_state
+from backupfs.linux.fiemap import Extent, NoFiemap, file_extents
 from backupfs.linux.mountinfo import read_mounts
 from backupfs.plan import metaprefetch
 from backupfs.plan.channel import RANGES_PER_MESSAGE, encode, socket_address
-from backupfs.plan.extents import (
-    PLANNABLE_FS,
-    Extent,
-    NoFiemap,
-    Range,
-    file_extents,
-    merge,
-    to_image,
-)
+from backupfs.plan.extents import PLANNABLE_FS, Range, merge, to_image
 
 log = logging.getLogger(__name__)
 MERGE_GAP_BYTES = 64 << 10  # read across gaps this small: one request beats two
@@ -57,29 +50,38 @@ def _backupfs_mount(image: str) -> tuple[str, str] | None:
 
 def source_of(path: str) -> ImageSource | None:
     """The image and partition under `path`, if it lies in a plannable attachment."""
-    real = os.path.realpath(path)
-    for att in attach_state.load_all():
-        for part in att.partitions:
-            for mount in att.clone_mounts(part.number):
-                if real != mount.path and not real.startswith(mount.path + os.sep):
-                    continue
-                served = _backupfs_mount(att.image)
-                if served is None or mount.fstype not in PLANNABLE_FS:
-                    return None
-                return ImageSource(served[0], served[1], part.start_bytes, mount.fstype)
-    return None
+    where = attach_state.locate(path)
+    if where is None:
+        return None
+    served = _backupfs_mount(where.attachment.image)
+    if served is None or where.mount.fstype not in PLANNABLE_FS:
+        return None
+    return ImageSource(served[0], served[1], where.partition.start_bytes, where.mount.fstype)
 
 
-# Extents read from ext2/3/4 inodes by prefetch_metadata, per (image, partition start)
-# and inode number: a plan for those files needs no FIEMAP call, which costs ~0.5 ms per
-# file while the restore's own threads keep the process busy.
-_learnt: dict[tuple[str, int], dict[int, list[Extent]]] = {}
+class KnownExtents:
+    """Extents read from ext2/3/4 inodes by prefetch_metadata, per (image, partition start)
+    and inode number: a plan for those files needs no FIEMAP call, which costs ~0.5 ms per
+    file while the restore's own threads keep the process busy. Made by the caller of a
+    walk and handed to the plan that follows it."""
+
+    def __init__(self) -> None:
+        self._by_source: dict[tuple[str, int], dict[int, list[Extent]]] = {}
+
+    def add(self, source: ImageSource, walked: metaprefetch.Walked) -> None:
+        known = self._by_source.setdefault((source.image, source.partition_start), {})
+        known.update((n, f.extents) for n, f in walked.files.items() if f.extents is not None)
+
+    def of(self, source: ImageSource) -> dict[int, list[Extent]]:
+        return self._by_source.get((source.image, source.partition_start), {})
 
 
-def image_ranges(source: ImageSource, files: Iterable[tuple[str, int, int]]) -> Iterator[Range]:
-    """Image ranges of `(path, size, inode number or 0)` files, in their order;
-    unmappable files are skipped."""
-    learnt = _learnt.get((source.image, source.partition_start), {})
+def image_ranges(
+    source: ImageSource, files: Iterable[tuple[str, int, int]], known: KnownExtents | None = None
+) -> Iterator[Range]:
+    """Image ranges of `(path, size, inode number or 0)` files, in their order, from
+    `known` extents where it has the inode, else FIEMAP; unmappable files are skipped."""
+    learnt = known.of(source) if known is not None else {}
     for path, size, number in files:
         extents = learnt.get(number) if number else None
         if extents is None:
@@ -168,7 +170,10 @@ class RestorePlan:
 
 
 def start_restore_plan(
-    root: str, files: list[tuple[str, int, int]], map_now: bool = False
+    root: str,
+    files: list[tuple[str, int, int]],
+    map_now: bool = False,
+    known: KnownExtents | None = None,
 ) -> RestorePlan | None:
     """Plan `files` (path under `root`, size, inode number; in copying order), or None
     when no plan applies. With `map_now`, the files are mapped before this returns
@@ -177,7 +182,7 @@ def start_restore_plan(
     session = PlanSession.open(source, "restore") if source else None
     if source is None or session is None:
         return None
-    ranges = image_ranges(source, files)
+    ranges = image_ranges(source, files, known)
     return RestorePlan(session, list(ranges) if map_now else ranges)
 
 
@@ -188,16 +193,21 @@ def walked_files(root: str, walked: metaprefetch.Walked) -> list[tuple[str, int,
             for n, f in sorted(walked.files.items())]  # fmt: skip
 
 
-def start_tree_plan(root: str, walked: metaprefetch.Walked) -> RestorePlan | None:
-    """Plan every regular file a metadata walk from `root` found, in inode order: the
-    order `restore` copies a tree in, so the data flows while restore still walks.
-    Mapped before the restore's threads start: mapped alongside them, in a thread of
-    the same process, it would hold the GIL they all wait for."""
-    return start_restore_plan(root, walked_files(root, walked), map_now=True)
+def start_tree_plan(
+    root: str, walked: metaprefetch.Walked, known: KnownExtents
+) -> RestorePlan | None:
+    """Plan every regular file a metadata walk from `root` found (its extents in `known`),
+    in inode order: the order `restore` copies a tree in, so the data flows while restore
+    still walks. Mapped before the restore's threads start: mapped alongside them, in a
+    thread of the same process, it would hold the GIL they all wait for."""
+    return start_restore_plan(root, walked_files(root, walked), map_now=True, known=known)
 
 
 def warm(
-    source: ImageSource, files: list[tuple[str, int, int]], on_progress: Callable[[int, int], None]
+    source: ImageSource,
+    files: list[tuple[str, int, int]],
+    on_progress: Callable[[int, int], None],
+    known: KnownExtents | None = None,
 ) -> tuple[int, int, str | None]:
     """Fetch the extents of `files` ((path, size, inode number or 0), as for
     image_ranges) into the daemon's cache, sorted by offset; returns (bytes fetched,
@@ -206,7 +216,7 @@ def warm(
     if session is None:
         return 0, 0, f"the backupfs daemon of {source.mountpoint} does not answer"
     try:
-        ranges = sorted(image_ranges(source, files))
+        ranges = sorted(image_ranges(source, files, known))
         total = session.send(ranges)
         for reply in session.replies():
             fetched, total = int(reply["fetched"]), int(reply["total"])  # type: ignore[call-overload]
@@ -219,17 +229,20 @@ def warm(
         session.close()
 
 
-def prefetch_metadata(path: str, sel: metaprefetch.Selection = None) -> metaprefetch.Walked | None:
+def prefetch_metadata(
+    path: str, sel: metaprefetch.Selection = None, known: KnownExtents | None = None
+) -> metaprefetch.Walked | None:
     """Read the directories and inodes under `path` (all, or those `sel` names) in parallel
-    rounds, when `path` lies in an attached ext2/3/4; None when it does not."""
+    rounds, when `path` lies in an attached ext2/3/4; None when it does not. The extents
+    of the files it read go into `known`, for the plan that follows."""
     source = source_of(path)
     if source is None or not source.fstype.startswith("ext"):
         return None
     image = os.path.join(source.mountpoint, source.image)
     start = os.lstat(path).st_ino
     walked = metaprefetch.prefetch(image, source.partition_start, [(start, sel)])
-    learnt = _learnt.setdefault((source.image, source.partition_start), {})
-    learnt.update((n, f.extents) for n, f in walked.files.items() if f.extents is not None)
+    if known is not None:
+        known.add(source, walked)
     log.info("metadata of %s: %d directories, %d inodes, %d bytes in %d rounds", path,
              walked.directories, walked.inodes, walked.bytes_read, walked.rounds)  # fmt: skip
     return walked

@@ -16,7 +16,7 @@ import httpcore
 import httpx
 import trio
 
-from backupfs.errors import FetchError, StoreError, UserError
+from backupfs.errors import FetchError, StoreError, UsageError
 from backupfs.options import MountOptions
 from backupfs.remote import checks
 from backupfs.remote.credentials import Credentials
@@ -34,9 +34,9 @@ def check_base_url(url: str) -> str:
     """The store URL with a trailing slash; credentials in it are refused (ps would show them)."""
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.netloc:
-        raise UserError(f"not an http(s) URL: {redact(url)}")
+        raise UsageError(f"not an http(s) URL: {redact(url)}")
     if parts.username or parts.password:
-        raise UserError("credentials in the URL are refused; use -o token_file= or -o netrc=")
+        raise UsageError("credentials in the URL are refused; use -o token_file= or -o netrc=")
     path = parts.path if parts.path.endswith("/") else parts.path + "/"
     return urlunsplit((parts.scheme, parts.netloc, path, parts.query, ""))
 

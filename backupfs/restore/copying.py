@@ -10,9 +10,15 @@ import errno
 import hashlib
 import os
 import stat
+import threading
 
 TMP_PREFIX = ".backupfs-tmp."
 CHUNK_BYTES = 8 << 20
+
+
+class Stopped(Exception):
+    """The restore was interrupted: a streamed copy gives up between two chunks (its
+    temporary file is removed, as on any failure)."""
 
 
 def tmp_name(final: str) -> str:
@@ -66,7 +72,9 @@ def is_complete(final: str, st: os.stat_result) -> bool:
     )
 
 
-def _copy_data(src_fd: int, dst_fd: int, size: int, sparse: bool) -> None:
+def _copy_data(
+    src_fd: int, dst_fd: int, size: int, sparse: bool, stop: threading.Event | None
+) -> None:
     pos = 0
     while pos < size:
         if sparse:
@@ -80,6 +88,8 @@ def _copy_data(src_fd: int, dst_fd: int, size: int, sparse: bool) -> None:
         else:
             end = size
         while pos < end:
+            if stop is not None and stop.is_set():
+                raise Stopped()
             chunk = os.pread(src_fd, min(CHUNK_BYTES, end - pos), pos)
             if not chunk:
                 raise OSError(errno.EIO, "source file shrank while being read")
@@ -88,9 +98,17 @@ def _copy_data(src_fd: int, dst_fd: int, size: int, sparse: bool) -> None:
     os.ftruncate(dst_fd, size)
 
 
-def write_file(final: str, data: bytes | None, src: str, st: os.stat_result, is_root: bool) -> None:
+def write_file(
+    final: str,
+    data: bytes | None,
+    src: str,
+    st: os.stat_result,
+    is_root: bool,
+    stop: threading.Event | None = None,
+) -> None:
     """Write under a temporary name and rename into place. With data None, copy from src
-    (streaming, holes kept); otherwise `data` is the whole content, already read."""
+    (streaming, holes kept, giving up with Stopped once `stop` is set); otherwise `data`
+    is the whole content, already read."""
     tmp = tmp_name(final)
     flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW
     fd = os.open(tmp, flags, 0o600)
@@ -98,7 +116,8 @@ def write_file(final: str, data: bytes | None, src: str, st: os.stat_result, is_
         if data is None:
             src_fd = os.open(src, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
             try:
-                _copy_data(src_fd, fd, st.st_size, sparse=st.st_blocks * 512 < st.st_size)
+                sparse = st.st_blocks * 512 < st.st_size
+                _copy_data(src_fd, fd, st.st_size, sparse, stop)
             finally:
                 os.close(src_fd)
         else:

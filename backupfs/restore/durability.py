@@ -5,48 +5,13 @@ syncfs reports writeback errors that happened since the descriptor it is given w
 opened (Linux 5.8+), so `Target.open` is called before any data is written.
 """
 
-import ctypes
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-# statfs f_type of filesystems where syncfs does not mean durable on the server
-_NO_SYNCFS = {
-    0x6969: "nfs",
-    0xFF534D42: "cifs",
-    0xFE534D42: "smb2",
-    0x65735546: "fuse",
-    0x01021997: "9p",
-    0x6165676C: "pstorefs",
-}
-_FS_NAMES = {0xEF53: "ext4", 0x58465342: "xfs", 0x9123683E: "btrfs", 0x01021994: "tmpfs",
-             0x4D44: "vfat", 0x2FC12FC1: "zfs", 0x794C7630: "overlay"}  # fmt: skip
-
-_libc = ctypes.CDLL(None, use_errno=True)  # libc, already loaded; no ldconfig run
-
-
-class _Statfs(ctypes.Structure):
-    _fields_ = [("f_type", ctypes.c_long), ("_rest", ctypes.c_byte * 112)]
-
-
-def fs_type(path: str) -> int:
-    buf = _Statfs()
-    if _libc.statfs(os.fsencode(path), ctypes.byref(buf)) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err), path)
-    return buf.f_type & 0xFFFFFFFF
-
-
-def fs_name(f_type: int) -> str:
-    return _NO_SYNCFS.get(f_type) or _FS_NAMES.get(f_type) or f"0x{f_type:x}"
-
-
-def syncfs(fd: int) -> None:
-    if _libc.syncfs(fd) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"syncfs: {os.strerror(err)}")
+from backupfs.linux.fs import NO_SYNCFS, fs_name, fs_type, syncfs
 
 
 def fsync_path(path: str) -> None:
@@ -74,7 +39,7 @@ class Target:
 
     @property
     def uses_syncfs(self) -> bool:
-        return self.f_type not in _NO_SYNCFS
+        return self.f_type not in NO_SYNCFS
 
     def close(self) -> None:
         os.close(self.fd)

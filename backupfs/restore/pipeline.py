@@ -10,21 +10,17 @@ the write queue, plus one chunk or batch per reader.
 """
 
 import contextlib
-import json
 import logging
 import os
 import queue
-import sys
 import threading
-import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
-from backupfs.errors import UserError
-from backupfs.plan import metaprefetch, readplan
+from backupfs.plan import readplan
 from backupfs.restore import copying
-from backupfs.restore.durability import FlushResult, Target, flush_target
-from backupfs.restore.walk import Entry, SourcePlan, walk, walk_files, walk_listed
+from backupfs.restore.durability import Target
+from backupfs.restore.outcome import Outcome, RestoreOptions
+from backupfs.restore.walk import Entry, SourcePlan
 
 log = logging.getLogger(__name__)
 
@@ -32,66 +28,7 @@ SMALL_FILE_BYTES = 1 << 20
 BATCH_BYTES = 4 << 20
 BATCH_FILES = 256
 WRITE_QUEUE_BATCHES = 16  # x BATCH_BYTES of read data waiting for writers, at most
-MARKER = ".backupfs-restore-in-progress"
-
-
-@dataclass(frozen=True)
-class RestoreOptions:
-    jobs: int = 0  # readers; 0: four, or one per clone when there are more
-    writers: int = 4
-    flush: bool = True
-    existing: str = "refuse"  # refuse | overwrite | skip
-    progress: bool = False
-    read_plan: bool = True  # tell the mount daemon what will be read (readplan.py)
-
-
-@dataclass
-class Outcome:
-    files: int = 0
-    bytes: int = 0
-    skipped: int = 0
-    total_files: int = 0
-    total_bytes: int = 0
-    failed: list[tuple[str, str]] = field(default_factory=list)
-    flush: list[FlushResult] = field(default_factory=list)
-    seconds: float = 0.0
-    planned_bytes: int = 0
-    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
-
-    def done(self, size: int) -> None:
-        with self.lock:
-            self.files += 1
-            self.bytes += size
-
-    def fail(self, path: str, exc: BaseException) -> None:
-        text = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-        with self.lock:
-            self.failed.append((path, text))
-
-    @property
-    def ok(self) -> bool:
-        return not self.failed and all(r.error is None for r in self.flush)
-
-    def summary(self) -> dict[str, object]:
-        return {
-            "ok": self.ok,
-            "files": self.files,
-            "bytes": self.bytes,
-            "skipped": self.skipped,
-            "seconds": round(self.seconds, 3),
-            "planned_bytes": self.planned_bytes,
-            "failed": [{"path": p, "error": e} for p, e in self.failed],
-            "flush": [
-                {
-                    "path": r.path,
-                    "fs": r.fs,
-                    "method": r.method,
-                    "seconds": round(r.seconds, 3),
-                    "error": r.error,
-                }
-                for r in self.flush
-            ],  # fmt: skip
-        }
+_POLL_S = 0.1  # how often a waiting reader or writer looks whether the restore stopped
 
 
 def _batches(files: list[Entry]) -> list[list[Entry]]:
@@ -120,10 +57,15 @@ class Pipeline:
         target: Target,
         out: Outcome,
         started_plan: readplan.RestorePlan | None = None,
+        known: readplan.KnownExtents | None = None,
     ) -> None:
         self.plan, self.opts, self.target, self.out = plan, opts, target, out
         self.started_plan = started_plan  # a read plan already under way for these files
+        self.known = known  # extents the metadata walk read from the inodes
         self.is_root = os.geteuid() == 0
+        # Set when the restore is interrupted (SIGINT, SIGTERM): readers and writers finish
+        # the file in hand (a streamed one gives up between chunks) and return.
+        self.stop = threading.Event()
         self.work: queue.SimpleQueue[list[Entry]] = queue.SimpleQueue()
         self.written: queue.Queue[list[tuple[Entry, str, bytes]] | None] = queue.Queue(
             WRITE_QUEUE_BATCHES
@@ -148,20 +90,24 @@ class Pipeline:
         return True
 
     def reader(self, index: int) -> None:
-        root = self.plan.roots[index % len(self.plan.roots)]
-        while True:
+        with contextlib.suppress(copying.Stopped):
+            self._read_batches(self.plan.roots[index % len(self.plan.roots)])
+
+    def _read_batches(self, root: str) -> None:
+        while not self.stop.is_set():
             try:
                 batch = self.work.get_nowait()
             except queue.Empty:
                 return
             ready: list[tuple[Entry, str, bytes]] = []
             for entry in batch:
+                if self.stop.is_set():
+                    return
                 src = os.path.join(root, entry.rel)
                 if entry.st.st_size > SMALL_FILE_BYTES:  # streamed by this thread
                     final = self.final(entry)
-                    if self._guard(
-                        entry, copying.write_file, final, None, src, entry.st, self.is_root
-                    ):
+                    args = (final, None, src, entry.st, self.is_root, self.stop)
+                    if self._guard(entry, copying.write_file, *args):
                         self.out.done(entry.st.st_size)
                     continue
                 try:
@@ -169,11 +115,28 @@ class Pipeline:
                 except OSError as exc:
                     self.out.fail(entry.dest_rel, exc)
             if ready:
-                self.written.put(ready)
+                self._hand_over(ready)
+
+    def _hand_over(self, ready: list[tuple[Entry, str, bytes]] | None) -> None:
+        """Queue a batch for the writers, giving up when the restore stops."""
+        while not self.stop.is_set():
+            try:
+                self.written.put(ready, timeout=_POLL_S)
+                return
+            except queue.Full:
+                continue
 
     def writer(self) -> None:
-        while (batch := self.written.get()) is not None:
+        while not self.stop.is_set():
+            try:
+                batch = self.written.get(timeout=_POLL_S)
+            except queue.Empty:
+                continue
+            if batch is None:
+                return
             for entry, src, data in batch:
+                if self.stop.is_set():
+                    return
                 final = self.final(entry)
                 if self._guard(entry, copying.write_file, final, data, src, entry.st, self.is_root):
                     self.out.done(entry.st.st_size)
@@ -196,7 +159,7 @@ class Pipeline:
             return None
         root = self.plan.roots[0]
         files = [(os.path.join(root, e.rel), e.st.st_size, e.st.st_ino) for e in todo]
-        return readplan.start_restore_plan(root, files)
+        return readplan.start_restore_plan(root, files, known=self.known)
 
     def copy_files(self) -> None:
         todo = self._todo()
@@ -216,12 +179,17 @@ class Pipeline:
         reader_threads = [threading.Thread(target=self.reader, args=(i,)) for i in range(readers)]
         for t in writer_threads + reader_threads:
             t.start()
-        for t in reader_threads:
-            t.join()
-        for _ in writer_threads:
-            self.written.put(None)
-        for t in writer_threads:
-            t.join()
+        try:
+            for t in reader_threads:
+                t.join()
+            for _ in writer_threads:
+                self._hand_over(None)
+        except BaseException:  # KeyboardInterrupt: stop, then let every thread end
+            self.stop.set()
+            raise
+        finally:
+            for t in writer_threads + reader_threads:
+                t.join()
 
     def run(self) -> None:
         root_src = self.plan.roots[0]
@@ -234,6 +202,9 @@ class Pipeline:
         others.start()
         try:
             self.copy_files()
+        except BaseException:
+            self.stop.set()
+            raise
         finally:
             others.join()
         for entry, first in self.plan.links:
@@ -244,6 +215,8 @@ class Pipeline:
 
     def _make_others(self, root_src: str) -> None:
         for entry in self.plan.others:
+            if self.stop.is_set():
+                return
             final, src = self.final(entry), os.path.join(root_src, entry.rel)
             if self.opts.existing == "skip" and os.path.lexists(final):
                 continue
@@ -256,181 +229,3 @@ class Pipeline:
             copying.apply_metadata(fd, src, entry.st, self.is_root)
         finally:
             os.close(fd)
-
-
-def _existing_ancestor(path: str) -> str:
-    while not os.path.exists(path):
-        path = os.path.dirname(path)
-    return path
-
-
-def _check_dest(dest: str, existing: str) -> bool:
-    """True when resuming an interrupted restore into dest."""
-    if not os.path.lexists(dest):
-        return False
-    if not os.path.isdir(dest):
-        raise UserError(f"{dest}: exists and is not a directory")
-    if os.path.exists(os.path.join(dest, MARKER)):
-        return True
-    if existing == "refuse" and any(os.scandir(dest)):
-        raise UserError(
-            f"{dest}: not empty (use --skip-existing or --overwrite to restore into it)"
-        )
-    return False
-
-
-class Progress:
-    """One status line on a terminal: files, bytes, rate, ETA."""
-
-    def __init__(self, out: Outcome, total_files: int, total_bytes: int) -> None:
-        self.out, self.total_files, self.total_bytes = out, total_files, total_bytes
-        self.stop = threading.Event()
-        self.start = time.monotonic()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-
-    def _line(self) -> str:
-        elapsed = max(time.monotonic() - self.start, 1e-6)
-        rate = self.out.bytes / elapsed
-        left = max(self.total_bytes - self.out.bytes, 0)
-        eta = f"{left / rate:4.0f}s" if rate > 0 else "   ?"
-        return (f"\r{self.out.files + self.out.skipped}/{self.total_files} files  "
-                f"{self.out.bytes / 1e6:,.0f}/{self.total_bytes / 1e6:,.0f} MB  "
-                f"{rate / 1e6:6.1f} MB/s  ETA {eta} ")  # fmt: skip
-
-    def _run(self) -> None:
-        while not self.stop.wait(0.5):
-            sys.stderr.write(self._line())
-            sys.stderr.flush()
-
-    def __enter__(self) -> "Progress":
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop.set()
-        self.thread.join()
-        sys.stderr.write(self._line() + "\n")
-
-
-def _plans(sources: list[str], dest: str) -> list[SourcePlan]:
-    """One SRC: DEST is its copy (a directory) or holds it (a file). Several: each lands in
-    DEST/<name>; the files among them form one plan, so they are read in parallel."""
-    if len(sources) == 1:
-        return [walk(sources[0], dest)]
-    names = [os.path.basename(os.path.normpath(s)) for s in sources]
-    for name in names:
-        if names.count(name) > 1:
-            raise UserError(f"two sources are named {name}: both would be restored to "
-                            f"{os.path.join(dest, name)}")  # fmt: skip
-    dirs = [s for s in sources if os.path.isdir(s) and not os.path.islink(s)]
-    files = [s for s in sources if s not in dirs]  # missing ones fail in walk_files
-    named = zip(sources, names, strict=True)
-    plans = [walk(s, os.path.join(dest, name)) for s, name in named if s in dirs]
-    return plans + ([walk_files(files, dest)] if files else [])
-
-
-class MetadataPrefetch:
-    """The directories and inodes restore's walk will read, fetched in parallel rounds
-    (ext2/3/4, readplan.prefetch_metadata). A whole tree is read beside the walk, and
-    its data plan starts as soon as the inodes are known, while the walk still runs; a
-    --files-from list is read before the walk, which then reads no more than it needs."""
-
-    def __init__(self, sources: list[str], listed: list[str] | None, dest: str) -> None:
-        self.dirs = [s for s in sources if os.path.isdir(s) and not os.path.islink(s)]
-        self.sel = None if listed is None else metaprefetch.selection(listed)
-        # A fresh whole-tree restore copies every file the walk finds, in inode order.
-        try:
-            fresh = not os.path.lexists(dest) or not any(os.scandir(dest))
-        except OSError:  # not a directory, not readable: _check_dest says so
-            fresh = False
-        self.early = listed is None and len(sources) == 1 and len(self.dirs) == 1 and fresh
-        self.plan: readplan.RestorePlan | None = None
-        self.thread = threading.Thread(target=self._run, daemon=True)
-
-    def start(self) -> None:
-        if self.sel is not None:
-            self._run()
-        elif self.dirs:
-            self.thread.start()
-
-    def _run(self) -> None:
-        for source in self.dirs:
-            try:
-                walked = readplan.prefetch_metadata(source, self.sel)
-            except OSError as exc:  # the walk reports it
-                log.debug("no metadata prefetch for %s: %s", source, exc)
-                continue
-            if self.early and walked is not None and not walked.errors:
-                self.plan = readplan.start_tree_plan(source, walked)
-
-    def join(self) -> readplan.RestorePlan | None:
-        """The data plan started early, if any (the caller closes it)."""
-        if self.thread.ident is not None:
-            self.thread.join()
-        return self.plan
-
-
-def restore(
-    sources: list[str], dest: str, opts: RestoreOptions, listed: list[str] | None = None
-) -> Outcome:
-    """`listed`: paths relative to the one SRC (`--files-from`), restored at the same
-    relative paths under DEST."""
-    dest = os.path.abspath(dest)
-    if listed is not None and (len(sources) != 1 or not os.path.isdir(sources[0])):
-        raise UserError("--files-from takes exactly one SRC, a directory")
-    prefetch = MetadataPrefetch(sources, listed, dest) if opts.read_plan else None
-    if prefetch is not None:
-        prefetch.start()
-    try:
-        if listed is not None:
-            plans = [walk_listed(sources[0], listed, dest)]
-        else:
-            plans = _plans(sources, dest)
-    finally:
-        early_plan = prefetch.join() if prefetch is not None else None
-    try:
-        return _restore(plans, dest, opts, early_plan)
-    finally:
-        if early_plan is not None:
-            early_plan.close()
-
-
-def _restore(
-    plans: list[SourcePlan],
-    dest: str,
-    opts: RestoreOptions,
-    early_plan: readplan.RestorePlan | None,
-) -> Outcome:
-    resuming = [_check_dest(p.dest, opts.existing) for p in plans]
-    out = Outcome(total_files=sum(len(p.files) for p in plans),
-                  total_bytes=sum(p.total_bytes for p in plans))  # fmt: skip
-    started = time.monotonic()
-    # Opened before anything is written: syncfs reports errors since this open.
-    target = Target.open(_existing_ancestor(dest))
-    try:
-        progress = Progress(out, out.total_files, out.total_bytes) if opts.progress else None
-        with progress or contextlib.nullcontext():
-            for plan, was_resuming in zip(plans, resuming, strict=True):
-                os.makedirs(plan.dest, 0o700, exist_ok=True)
-                marker = os.path.join(plan.dest, MARKER)
-                if not was_resuming:
-                    with open(marker, "w") as f:
-                        json.dump({"sources": plan.roots}, f)
-                Pipeline(plan, opts, target, out, early_plan).run()
-        markers = sorted({os.path.join(plan.dest, MARKER) for plan in plans})
-        if not out.failed:  # complete: nothing to resume (a failed flush puts them back)
-            for marker in markers:
-                os.unlink(marker)
-            for plan in plans:
-                for root in (e for e in plan.dirs if e.rel == ""):  # unlink touched its mtime
-                    os.utime(plan.dest, ns=(root.st.st_atime_ns, root.st.st_mtime_ns))
-        if opts.flush:
-            out.flush.append(flush_target(target))
-            if out.flush[-1].error is not None:
-                for marker in markers:
-                    with open(marker, "w"):
-                        pass
-    finally:
-        target.close()
-    out.seconds = time.monotonic() - started
-    return out

@@ -46,6 +46,7 @@ class SourcePlan:
     files: list[Entry] = field(default_factory=list)
     links: list[tuple[Entry, str]] = field(default_factory=list)  # (hardlink, rel of first)
     others: list[Entry] = field(default_factory=list)  # symlinks, fifos, device nodes
+    missing: list[tuple[str, str]] = field(default_factory=list)  # listed, absent: (rel, why)
 
     @property
     def total_bytes(self) -> int:
@@ -54,17 +55,8 @@ class SourcePlan:
 
 def clone_roots(source: str) -> list[str]:
     """The same path on every clone when `source` lies in an attached partition."""
-    real = os.path.realpath(source)
-    for att in attach_state.load_all():
-        for part in att.partitions:
-            mounts = att.clone_mounts(part.number)
-            if not mounts:
-                continue
-            base = mounts[0].path
-            if real == base or real.startswith(base + os.sep):
-                rel = os.path.relpath(real, base)
-                return [os.path.normpath(os.path.join(m.path, rel)) for m in mounts]
-    return [real]
+    where = attach_state.locate(source)
+    return [os.path.realpath(source)] if where is None else where.on_every_clone()
 
 
 def walk(source: str, dest: str) -> SourcePlan:
@@ -101,12 +93,17 @@ def walk_listed(source: str, rels: list[str], dest: str) -> SourcePlan:
         rel = os.path.normpath(line.strip("/"))  # a leading / means SOURCE, as for rsync
         if rel in (".", "") or rel.startswith("../") or rel == "..":
             raise UserError(f"--files-from: {line!r} is not a path inside {source}")
+        try:  # a listed path that is not there is reported, the others restored (rsync)
+            st = os.lstat(os.path.join(plan.roots[0], rel))
+        except OSError as exc:
+            plan.missing.append((rel, exc.strerror or str(exc)))
+            continue
         parent = os.path.dirname(rel)
         while parent and parent not in implied:
             implied.add(parent)
             plan.dirs.append(Entry(parent, _lstat(plan, parent, os.path.join(source, parent))))
             parent = os.path.dirname(parent)
-        starts.append(Entry(rel, _lstat(plan, rel, os.path.join(source, rel))))
+        starts.append(Entry(rel, st))
     return _descend(plan, starts)
 
 

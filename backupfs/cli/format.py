@@ -1,0 +1,34 @@
+"""Sizes and mount counters as `backupfs` prints them."""
+
+from typing import Any
+
+
+def human(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if size < 1024 or unit == "TiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    raise AssertionError
+
+
+def ms(value: object) -> str:
+    return "-" if value is None else f"{value} ms"
+
+
+def stats_lines(doc: dict[str, Any]) -> list[str]:
+    hits, misses = doc["cache_hits"], doc["cache_misses"]
+    rate = f" ({100 * hits / (hits + misses):.1f}% hits)" if hits + misses else ""
+    windows = ", ".join(human(w) for w in doc["readahead_windows"]) or "none open"
+    return [
+        f"store            {doc['store']}",
+        f"served           {human(doc['bytes_served'])}",
+        f"fetched          {human(doc['bytes_fetched'])} in {doc['requests']} requests"
+        f" ({doc['requests_in_flight']} in flight, {doc['retries']} retries)",
+        f"cache            {hits} hits, {misses} misses{rate}; {doc['blocks_in_cache']} blocks,"
+        f" {human(doc['cache_bytes'])} of {human(doc['cache_max_bytes'])}",
+        f"fetch latency    p50 {ms(doc['fetch_p50_ms'])}, p99 {ms(doc['fetch_p99_ms'])}",
+        f"readahead        windows {windows} (max {human(doc['readahead_max_bytes'])})",
+        f"errors           {doc['verify_failures']} verification failures,"
+        f" {doc['read_errors']} failed fetches",
+    ]

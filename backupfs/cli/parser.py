@@ -1,0 +1,130 @@
+"""The commands, their arguments and their help."""
+
+import argparse
+
+from backupfs import __version__
+from backupfs.cli import disk_commands, store_commands
+from backupfs.store.indexer import DEFAULT_BLOCK_SIZE
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="backupfs", description="Browse and restore files from disk-image backups over HTTP."
+    )
+    parser.add_argument("--version", action="version", version=f"backupfs {__version__}")
+    parser.add_argument(
+        "--debug", action="store_true", help="print the traceback of an internal error"
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("index", help="write store metadata for STORE/<host>/<snapshot>/*.img")
+    p.add_argument("store", metavar="STORE_DIR")
+    p.add_argument(
+        "--block-size",
+        default=str(DEFAULT_BLOCK_SIZE),
+        help="digest block size for newly hashed images (default 64K)",
+    )
+    p.set_defaults(func=store_commands.cmd_index)
+
+    p = sub.add_parser("ls", help="list hosts, snapshots and disks of a store")
+    p.add_argument("url", metavar="URL")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument(
+        "-o",
+        action="append",
+        default=[],
+        metavar="OPT,...",
+        help="options as for mount (token_file=, timeout=, ...)",
+    )
+    p.set_defaults(func=store_commands.cmd_ls)
+
+    p = sub.add_parser("mount", help="mount a store as a read-only tree of disk images")
+    p.add_argument("url", metavar="URL")
+    p.add_argument("mountpoint", metavar="MOUNTPOINT")
+    p.add_argument("-f", "--foreground", action="store_true", help="stay in the foreground")
+    p.add_argument("-o", action="append", default=[], metavar="OPT,...", help="mount options")
+    p.set_defaults(func=store_commands.cmd_mount)
+
+    p = sub.add_parser("attach", help="open a disk image's filesystems read-only at TARGET/p<K>")
+    p.add_argument("image", metavar="IMAGE")
+    p.add_argument("target", metavar="TARGET")
+    p.add_argument(
+        "--clones",
+        type=int,
+        default=4,
+        help="loop devices per partition, for parallel readers (default 4)",
+    )
+    p.add_argument("--partition", type=int, metavar="K", help="attach only partition K")
+    p.add_argument(
+        "--follow-symlinks",
+        action="store_true",
+        help="let paths follow symlinks inside the backup (default: nosymfollow)",
+    )
+    p.add_argument("--direct-io", action="store_true", help="loop devices with direct I/O")
+    p.set_defaults(func=disk_commands.cmd_attach)
+
+    p = sub.add_parser("detach", help="undo an attach (also after a crashed attach)")
+    p.add_argument("targets", nargs="+", metavar="TARGET")
+    p.set_defaults(func=disk_commands.cmd_detach)
+
+    p = sub.add_parser("status", help="list attachments")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=disk_commands.cmd_status)
+
+    p = sub.add_parser("restore", help="copy files out of a backup durably, in parallel")
+    p.add_argument("sources", nargs="+", metavar="SRC")
+    p.add_argument("dest", metavar="DEST")
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=0,
+        help="parallel readers (default: 4, or one per loop clone if more)",
+    )
+    p.add_argument("--no-flush", action="store_true", help="skip the final syncfs")
+    p.add_argument(
+        "--files-from",
+        metavar="FILE",
+        help="restore the paths listed in FILE (relative to the one SRC; - for stdin) "
+        "at the same relative paths under DEST",
+    )
+    p.add_argument(
+        "--no-plan",
+        action="store_true",
+        help="no read plans: neither the metadata walk nor the data plan (plain readahead)",
+    )
+    group = p.add_mutually_exclusive_group()
+    group.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="restore into a non-empty DEST, replacing every file",
+    )
+    group.add_argument(
+        "--skip-existing",
+        action="store_true",
+        help="restore into a non-empty DEST, leaving existing names alone",
+    )
+    p.add_argument("--json", action="store_true", help="a JSON summary on stdout")
+    p.set_defaults(func=disk_commands.cmd_restore)
+
+    p = sub.add_parser("warm", help="fetch the data under PATH (in an attachment) into the cache")
+    p.add_argument("paths", nargs="+", metavar="PATH")
+    p.add_argument(
+        "--metadata",
+        action="store_true",
+        help="only directories and inodes (before ls -lR, find, du), not file contents",
+    )
+    p.set_defaults(func=disk_commands.cmd_warm)
+
+    p = sub.add_parser("flush", help="make files under PATH durable (after cp or rsync)")
+    p.add_argument("paths", nargs="+", metavar="PATH")
+    p.set_defaults(func=disk_commands.cmd_flush)
+
+    p = sub.add_parser("umount", help="unmount a backupfs mount")
+    p.add_argument("mountpoint", metavar="MOUNTPOINT")
+    p.set_defaults(func=store_commands.cmd_umount)
+
+    p = sub.add_parser("stats", help="show a mount's counters (MOUNTPOINT/.backupfs/stats)")
+    p.add_argument("mountpoint", metavar="MOUNTPOINT")
+    p.add_argument("--json", action="store_true", help="the raw JSON document")
+    p.set_defaults(func=store_commands.cmd_stats)
+    return parser

@@ -1,0 +1,100 @@
+"""What a restore is asked to do and what it did: options, counters, the progress line."""
+
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+
+from backupfs.restore.durability import FlushResult
+
+
+@dataclass(frozen=True)
+class RestoreOptions:
+    jobs: int = 0  # readers; 0: four, or one per clone when there are more
+    writers: int = 4
+    flush: bool = True
+    existing: str = "refuse"  # refuse | overwrite | skip
+    progress: bool = False
+    read_plan: bool = True  # tell the mount daemon what will be read (readplan.py)
+
+
+@dataclass
+class Outcome:
+    files: int = 0
+    bytes: int = 0
+    skipped: int = 0
+    total_files: int = 0
+    total_bytes: int = 0
+    failed: list[tuple[str, str]] = field(default_factory=list)
+    flush: list[FlushResult] = field(default_factory=list)
+    seconds: float = 0.0
+    planned_bytes: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def done(self, size: int) -> None:
+        with self.lock:
+            self.files += 1
+            self.bytes += size
+
+    def fail(self, path: str, exc: BaseException) -> None:
+        text = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        with self.lock:
+            self.failed.append((path, text))
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed and all(r.error is None for r in self.flush)
+
+    def summary(self) -> dict[str, object]:
+        return {
+            "ok": self.ok,
+            "files": self.files,
+            "bytes": self.bytes,
+            "skipped": self.skipped,
+            "seconds": round(self.seconds, 3),
+            "planned_bytes": self.planned_bytes,
+            "failed": [{"path": p, "error": e} for p, e in self.failed],
+            "flush": [
+                {
+                    "path": r.path,
+                    "fs": r.fs,
+                    "method": r.method,
+                    "seconds": round(r.seconds, 3),
+                    "error": r.error,
+                }
+                for r in self.flush
+            ],  # fmt: skip
+        }
+
+
+class Progress:
+    """One status line on a terminal: files, bytes, rate, ETA."""
+
+    def __init__(self, out: Outcome, total_files: int, total_bytes: int) -> None:
+        self.out, self.total_files, self.total_bytes = out, total_files, total_bytes
+        self.stop = threading.Event()
+        self.start = time.monotonic()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _line(self) -> str:
+        elapsed = max(time.monotonic() - self.start, 1e-6)
+        rate = self.out.bytes / elapsed
+        left = max(self.total_bytes - self.out.bytes, 0)
+        eta = f"{left / rate:4.0f}s" if rate > 0 else "   ?"
+        return (f"\r{self.out.files + self.out.skipped}/{self.total_files} files  "
+                f"{self.out.bytes / 1e6:,.0f}/{self.total_bytes / 1e6:,.0f} MB  "
+                f"{rate / 1e6:6.1f} MB/s  ETA {eta} ")  # fmt: skip
+
+    def _run(self) -> None:
+        while not self.stop.wait(0.5):
+            sys.stderr.write(self._line())
+            sys.stderr.flush()
+
+    def __enter__(self) -> "Progress":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join()
+        sys.stderr.write(self._line() + "\n")
