@@ -18,8 +18,44 @@ GENERIC_OPTIONS = frozenset(
 )  # fmt: skip
 _SIZE = re.compile(r"(\d+)([KMGT]?)(i?B)?", re.IGNORECASE)
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-_FLAGS = ("allow_other", "debug", "insecure")
+_FLAGS = ("allow_other", "debug", "insecure", "nonempty")
 _SIZES = ("cache_size", "block_size", "readahead", "request_size", "cache_dir_size")
+
+# The option table of `backupfs mount --help` and of the README (tests/unit/test_options.py
+# keeps the two equal): (name, as written in -o; default; meaning).
+OPTION_TABLE: tuple[tuple[str, str, str], ...] = (
+    ("cache_size=", "256M", "memory for verified blocks (LRU, bounded in bytes)"),
+    ("block_size=", "store's", "cache and fetch unit; a multiple of the store's block size"),
+    ("readahead=", "64M", "largest readahead window of a sequential stream (≤ cache_size/2)"),
+    ("request_size=", "4M", "largest single ranged GET"),
+    ("connections=", "16", "parallel HTTP connections"),
+    ("timeout=", "30", "seconds one HTTP attempt may take in all"),
+    (
+        "retries=",
+        "4",
+        "further attempts after a transient failure (reset, 5xx, timeout, bad digest)",
+    ),
+    ("token_file=", "", "file holding a bearer token; never put credentials on the command line"),
+    (
+        "netrc=",
+        "",
+        "netrc file; the entry for the store's host gives HTTP basic auth (excludes token_file=)",
+    ),
+    ("cafile=", "system store", "CA bundle (PEM) to verify the server with, for a private CA"),
+    ("cert=", "", "client certificate (PEM); may also hold the key"),
+    ("key=", "", "the client certificate's private key (PEM), unencrypted"),
+    ("insecure", "off", "do not verify the server's certificate (logs a warning)"),
+    (
+        "nonempty",
+        "off",
+        "mount over a directory that holds files (hidden while mounted); refused without it",
+    ),
+    ("cache_dir=", "", "keep verified blocks on local disk across mounts"),
+    ("cache_dir_size=", "10G", "most bytes kept in `cache_dir=`"),
+    ("allow_other", "off", "let other users read (images become 0444 instead of 0400)"),
+    ("log_file=", "", "log here instead of syslog when in the background"),
+    ("debug", "off", "per-request log lines"),
+)
 
 
 @dataclass(frozen=True)
@@ -38,6 +74,7 @@ class MountOptions:
     cafile: Path | None = None  # CA bundle (PEM) to verify the server with, not the system's
     insecure: bool = False  # no TLS verification at all
     allow_other: bool = False  # let other users read (files become 0444)
+    nonempty: bool = False  # mount over a directory that has files (hidden while mounted)
     debug: bool = False  # per-request log lines
     log_file: Path | None = None  # log here instead of syslog when daemonized
     cache_dir: Path | None = None  # verified blocks kept on disk across mounts (diskcache.py)
@@ -117,9 +154,35 @@ def parse_options(option_strings: list[str]) -> MountOptions:
     if "readahead" not in values:
         opts = replace(opts, readahead=min(opts.readahead, opts.lru_bytes // 2))
     if opts.in_flight_bytes > opts.cache_size // 2:
-        raise UsageError("connections= x request_size= must be at most half of cache_size=")
+        raise UsageError(
+            f"cache_size={format_size(opts.cache_size)} is too small for "
+            f"connections={opts.connections} x request_size={format_size(opts.request_size)} "
+            f"= {format_size(opts.in_flight_bytes)} of replies in flight: it must be at least "
+            f"twice that, cache_size={format_size(2 * opts.in_flight_bytes)}"
+        )
     if opts.readahead > opts.lru_bytes // 2:
         raise UsageError(
-            "readahead= must be at most half of cache_size= less connections= x request_size="
+            f"readahead={format_size(opts.readahead)} must be at most half of what the cache "
+            f"holds besides the replies in flight ({format_size(opts.lru_bytes)} = cache_size="
+            f"{format_size(opts.cache_size)} less {format_size(opts.in_flight_bytes)}): at most "
+            f"readahead={format_size(opts.lru_bytes // 2)}"
         )
     return opts
+
+
+def format_size(n: int) -> str:
+    """A size as an option value: 64M, 1536K, 1000 (exact, the largest unit that divides)."""
+    for suffix, unit in (("T", 1 << 40), ("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10)):
+        if n and n % unit == 0:
+            return f"{n // unit}{suffix}"
+    return str(n)
+
+
+def option_help() -> str:
+    """The option table as `backupfs mount --help` shows it."""
+    width = max(len(name) for name, _, _ in OPTION_TABLE)
+    lines = ["mount options (-o NAME=VALUE,FLAG,...; generic mount(8) options are ignored):"]
+    for name, default, meaning in OPTION_TABLE:
+        shown = f" [{default}]" if default else ""
+        lines.append(f"  {name:<{width}}  {meaning.replace('`', '')}{shown}")
+    return "\n".join(lines)

@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
-# backupfs on a built-in example: a server's disk image is put in a store, served by nginx,
-# mounted over HTTP, its filesystem opened read-only, and one file restored and verified.
+# backupfs on a built-in example: a server's partitioned disk image is put in a store, served
+# by nginx, mounted over HTTP, its filesystems opened read-only, and a directory restored and
+# verified.
 # Everything lives in a temporary directory and is undone on exit, on failure too.
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 bash "$here/contrib/setup.sh"
 
 backupfs() { python3 -m backupfs "$@"; }
-step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
+if [[ -t 1 ]]; then step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }; else step() { printf '\n== %s\n' "$*"; }; fi
 work=$(mktemp -d /tmp/backupfs-demo.XXXXXX)
 nginx_pid=""
 cleanup() {
@@ -19,14 +20,24 @@ cleanup() {
 }
 trap cleanup EXIT
 
-step "A server's files, backed up as an ext4 disk image in a store"
-src=$work/web01-root
-mkdir -p "$src/etc/nginx/sites-enabled" "$src/var/www/html" "$work/store/web01/2026-11-20T0300Z"
+step "A server's disk, backed up as an image in a store: GPT, /boot (p1) and / (p2), ext4"
+src=$work/web01-root boot=$work/web01-boot
+disk=$work/store/web01/2026-11-20T0300Z/disk0.img
+mkdir -p "$src/etc/nginx/sites-enabled" "$src/var/www/html" "$boot/grub" "$(dirname "$disk")"
 printf 'server {\n    listen 443 ssl;\n    server_name www.example.com;\n}\n' \
     > "$src/etc/nginx/sites-enabled/www"
 head -c 20M /dev/urandom > "$src/var/www/html/video.bin"
 echo "<h1>hello from last week</h1>" > "$src/var/www/html/index.html"
-mkfs.ext4 -q -L web01-root -d "$src" "$work/store/web01/2026-11-20T0300Z/disk0.img" 96M
+echo "set default=0" > "$boot/grub/grub.cfg"
+mkfs.ext4 -q -L web01-boot -d "$boot" "$work/p1.img" 16M
+mkfs.ext4 -q -L web01-root -d "$src" "$work/p2.img" 96M
+truncate -s 114M "$disk"  # 1 MiB for the table, 16 + 96 MiB, 1 MiB for GPT's backup copy
+printf 'label: gpt\nstart=2048, size=32768, name=boot\nstart=34816, size=196608, name=root\n' \
+    | sfdisk --quiet "$disk"
+dd if="$work/p1.img" of="$disk" bs=1M seek=1 conv=notrunc,sparse status=none
+dd if="$work/p2.img" of="$disk" bs=1M seek=17 conv=notrunc,sparse status=none
+rm "$work/p1.img" "$work/p2.img"
+sfdisk --list "$disk" | tail -n 3
 backupfs index "$work/store"
 
 step "Serving the store with nginx (contrib/nginx-store.conf)"
@@ -55,10 +66,12 @@ ls -l "$work/backups/web01/2026-11-20T0300Z/"
 
 step "backupfs attach …/disk0.img $work/restore"
 backupfs attach "$work/backups/web01/2026-11-20T0300Z/disk0.img" "$work/restore"
-grep -rn 'listen 443' "$work/restore/p0/etc/nginx"
+ls "$work/restore"
+grep -rn 'listen 443' "$work/restore/p2/etc/nginx"
+cat "$work/restore/p1/grub/grub.cfg"
 
-step "backupfs restore …/p0/var/www/html $work/restored"
-backupfs restore "$work/restore/p0/var/www/html" "$work/restored"
+step "backupfs restore …/p2/var/www/html $work/restored"
+backupfs restore "$work/restore/p2/var/www/html" "$work/restored"
 (cd "$src/var/www/html" && sha256sum -- *) > "$work/expected.sha256"
 (cd "$work/restored" && sha256sum -c "$work/expected.sha256")
 

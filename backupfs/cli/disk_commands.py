@@ -7,8 +7,8 @@ import os
 import sys
 import time
 
-from backupfs.cli.format import human
 from backupfs.errors import EXIT_OK, EXIT_PARTIAL, UserError
+from backupfs.units import human, plural
 
 
 def cmd_attach(args: argparse.Namespace) -> int:
@@ -79,7 +79,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
         print()
     else:
         print(
-            f"restored {out.files} files ({human(out.bytes)}) in {out.seconds:.1f}s"
+            f"restored {plural(out.files, 'file')} ({human(out.bytes)}) in {out.seconds:.1f}s"
             + (f", {out.skipped} already there" if out.skipped else "")
         )
         for result in out.flush:
@@ -87,7 +87,8 @@ def cmd_restore(args: argparse.Namespace) -> int:
     for path, error in out.failed:
         print(f"backupfs: failed: {path}: {error}", file=sys.stderr)
     if out.failed:
-        print(f"backupfs: {len(out.failed)} files failed, the rest was restored", file=sys.stderr)
+        failed = plural(len(out.failed), "file")
+        print(f"backupfs: {failed} failed, the rest was restored", file=sys.stderr)
     return EXIT_OK if out.ok else EXIT_PARTIAL
 
 

@@ -2,18 +2,11 @@
 
 from typing import Any
 
-
-def human(n: int) -> str:
-    size = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if size < 1024 or unit == "TiB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    raise AssertionError
+from backupfs.units import human
 
 
-def ms(value: object) -> str:
-    return "-" if value is None else f"{value} ms"
+def ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f} ms"
 
 
 def stats_lines(doc: dict[str, Any]) -> list[str]:
@@ -26,7 +19,8 @@ def stats_lines(doc: dict[str, Any]) -> list[str]:
         f"fetched          {human(doc['bytes_fetched'])} in {doc['requests']} requests"
         f" ({doc['requests_in_flight']} in flight, {doc['retries']} retries)",
         f"cache            {hits} hits, {misses} misses{rate}; {doc['blocks_in_cache']} blocks,"
-        f" {human(doc['cache_bytes'])} of {human(doc['cache_max_bytes'])}",
+        f" {human(doc['cache_bytes'])} of {human(doc['cache_max_bytes'])}"
+        " (cache_size= less the replies in flight)",
         f"fetch latency    p50 {ms(doc['fetch_p50_ms'])}, p99 {ms(doc['fetch_p99_ms'])}",
         f"readahead        windows {windows} (max {human(doc['readahead_max_bytes'])})",
         f"errors           {doc['verify_failures']} verification failures,"

@@ -4,6 +4,7 @@ import argparse
 
 from backupfs import __version__
 from backupfs.cli import disk_commands, store_commands
+from backupfs.options import option_help
 from backupfs.store.indexer import DEFAULT_BLOCK_SIZE
 
 
@@ -18,7 +19,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("index", help="write store metadata for STORE/<host>/<snapshot>/*.img")
-    p.add_argument("store", metavar="STORE_DIR")
+    p.add_argument(
+        "store",
+        metavar="STORE_DIR",
+        help="the store directory: STORE_DIR/<host>/<snapshot>/<disk>.img",
+    )
     p.add_argument(
         "--block-size",
         default=str(DEFAULT_BLOCK_SIZE),
@@ -27,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=store_commands.cmd_index)
 
     p = sub.add_parser("ls", help="list hosts, snapshots and disks of a store")
-    p.add_argument("url", metavar="URL")
+    p.add_argument("url", metavar="URL", help="the store, http(s)://host/path/")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument(
         "-o",
@@ -38,16 +43,29 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=store_commands.cmd_ls)
 
-    p = sub.add_parser("mount", help="mount a store as a read-only tree of disk images")
-    p.add_argument("url", metavar="URL")
-    p.add_argument("mountpoint", metavar="MOUNTPOINT")
+    p = sub.add_parser(
+        "mount",
+        help="mount a store as a read-only tree of disk images",
+        epilog=option_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("url", metavar="URL", help="the store, http(s)://host/path/")
+    p.add_argument("mountpoint", metavar="MOUNTPOINT", help="an empty directory to mount it on")
     p.add_argument("-f", "--foreground", action="store_true", help="stay in the foreground")
     p.add_argument("-o", action="append", default=[], metavar="OPT,...", help="mount options")
     p.set_defaults(func=store_commands.cmd_mount)
 
     p = sub.add_parser("attach", help="open a disk image's filesystems read-only at TARGET/p<K>")
-    p.add_argument("image", metavar="IMAGE")
-    p.add_argument("target", metavar="TARGET")
+    p.add_argument(
+        "image",
+        metavar="IMAGE",
+        help="a disk image, usually MNT/<host>/<snapshot>/<disk>.img of a backupfs mount",
+    )
+    p.add_argument(
+        "target",
+        metavar="TARGET",
+        help="where its filesystems appear, as TARGET/p<K> (made if absent, else must be empty)",
+    )
     p.add_argument(
         "--clones",
         type=int,
@@ -64,16 +82,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=disk_commands.cmd_attach)
 
     p = sub.add_parser("detach", help="undo an attach (also after a crashed attach)")
-    p.add_argument("targets", nargs="+", metavar="TARGET")
+    p.add_argument("targets", nargs="+", metavar="TARGET", help="a TARGET given to attach")
     p.set_defaults(func=disk_commands.cmd_detach)
 
     p = sub.add_parser("status", help="list attachments")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="the attachments as JSON")
     p.set_defaults(func=disk_commands.cmd_status)
 
     p = sub.add_parser("restore", help="copy files out of a backup durably, in parallel")
-    p.add_argument("sources", nargs="+", metavar="SRC")
-    p.add_argument("dest", metavar="DEST")
+    p.add_argument(
+        "sources",
+        nargs="+",
+        metavar="SRC",
+        help="what to restore: a directory, or files, inside an attachment (or anywhere)",
+    )
+    p.add_argument("dest", metavar="DEST", help="where to restore it: a directory (made if absent)")
     p.add_argument(
         "--jobs",
         type=int,
@@ -107,7 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=disk_commands.cmd_restore)
 
     p = sub.add_parser("warm", help="fetch the data under PATH (in an attachment) into the cache")
-    p.add_argument("paths", nargs="+", metavar="PATH")
+    p.add_argument(
+        "paths", nargs="+", metavar="PATH", help="a file or directory inside an attachment"
+    )
     p.add_argument(
         "--metadata",
         action="store_true",
@@ -116,15 +141,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=disk_commands.cmd_warm)
 
     p = sub.add_parser("flush", help="make files under PATH durable (after cp or rsync)")
-    p.add_argument("paths", nargs="+", metavar="PATH")
+    p.add_argument("paths", nargs="+", metavar="PATH", help="a restored file or directory")
     p.set_defaults(func=disk_commands.cmd_flush)
 
     p = sub.add_parser("umount", help="unmount a backupfs mount")
-    p.add_argument("mountpoint", metavar="MOUNTPOINT")
+    p.add_argument("mountpoint", metavar="MOUNTPOINT", help="where a backupfs store is mounted")
     p.set_defaults(func=store_commands.cmd_umount)
 
     p = sub.add_parser("stats", help="show a mount's counters (MOUNTPOINT/.backupfs/stats)")
-    p.add_argument("mountpoint", metavar="MOUNTPOINT")
+    p.add_argument("mountpoint", metavar="MOUNTPOINT", help="where a backupfs store is mounted")
     p.add_argument("--json", action="store_true", help="the raw JSON document")
     p.set_defaults(func=store_commands.cmd_stats)
     return parser

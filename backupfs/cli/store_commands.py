@@ -2,6 +2,7 @@
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -13,13 +14,25 @@ from backupfs.linux.tools import failure_reason
 from backupfs.options import parse_options, parse_size
 from backupfs.remote.credentials import load_credentials
 from backupfs.store.indexer import index_store
+from backupfs.units import plural
 
 
 def cmd_index(args: argparse.Namespace) -> int:
     block_size = parse_size(args.block_size, "--block-size")
-    catalogue = index_store(Path(args.store), block_size, say=lambda m: print(m, flush=True))
+    skipped = 0
+
+    def say(line: str) -> None:
+        nonlocal skipped
+        if line.startswith("skipped "):  # not an error: the rest is indexed, exit 0
+            skipped += 1
+            print(f"backupfs: {line}", file=sys.stderr, flush=True)
+        else:
+            print(line, flush=True)
+
+    catalogue = index_store(Path(args.store), block_size, say=say)
     disks = sum(len(s.disks) for s in catalogue.snapshots)
-    print(f"indexed {len(catalogue.snapshots)} snapshots, {disks} disks")
+    tail = f"; {plural(skipped, 'file')} skipped (listed above)" if skipped else ""
+    print(f"indexed {plural(len(catalogue.snapshots), 'snapshot')}, {plural(disks, 'disk')}{tail}")
     return 0
 
 
@@ -82,7 +95,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
     url = check_base_url(args.url)
     opts = parse_options(args.o)
     creds = load_credentials(opts, url)  # before the daemon forks and leaves the cwd
-    mountpoint = daemon.check_mountpoint(args.mountpoint)
+    mountpoint = daemon.check_mountpoint(args.mountpoint, opts.nonempty)
     for warning in creds.warnings:
         print(f"backupfs: warning: {warning}", file=sys.stderr, flush=True)
     if args.foreground:
@@ -94,12 +107,26 @@ def cmd_mount(args: argparse.Namespace) -> int:
 
 
 def cmd_umount(args: argparse.Namespace) -> int:
-    proc = subprocess.run(
-        ["fusermount3", "-u", args.mountpoint], capture_output=True, text=True, timeout=60
-    )
-    if proc.returncode != 0:
-        raise UserError(f"cannot unmount {args.mountpoint}: {failure_reason(proc)}")
-    return 0
+    from backupfs.attach import state as attach_state
+    from backupfs.linux.mountinfo import top_fstype
+
+    path = os.path.realpath(args.mountpoint)
+    if top_fstype(path) != "fuse.backupfs":
+        raise UserError(f"{args.mountpoint} is not a backupfs mount")
+    proc = subprocess.run(["fusermount3", "-u", path], capture_output=True, text=True, timeout=60)
+    if proc.returncode == 0:
+        return 0
+    if top_fstype(path) != "fuse.backupfs":  # gone meanwhile (another umount)
+        return 0
+    users = [a.target for a in attach_state.load_all() if a.image.startswith(path + os.sep)]
+    if users:
+        first = "; ".join(f"backupfs detach {t}" for t in users)
+        raise UserError(f"{args.mountpoint} is busy: images in it are attached ({first} first)")
+    if "busy" in proc.stderr.lower():
+        raise UserError(
+            f"{args.mountpoint} is busy: close what uses it (fuser -vm {args.mountpoint})"
+        )
+    raise UserError(f"cannot unmount {args.mountpoint}: {failure_reason(proc, 'fusermount3: ')}")
 
 
 def cmd_stats(args: argparse.Namespace) -> int:

@@ -238,13 +238,22 @@ def run_background(
     raise UserError("the mount daemon exited during start-up (see its log)")
 
 
-def check_mountpoint(path: str) -> str:
+def check_mountpoint(path: str, nonempty: bool = False) -> str:
+    """The mountpoint, resolved; refused when busy, missing, not a directory, or (unless
+    `nonempty`, as for other FUSE filesystems) holding files the mount would hide."""
     # An autofs mount is systemd's automount trigger: mounting over it is the point.
-    if top_fstype(path) not in (None, "autofs"):
+    top = top_fstype(path)
+    if top not in (None, "autofs"):
         raise UserError(f"mountpoint {path} is busy (something is already mounted there)")
     mnt = Path(path)
     if not mnt.exists():
         raise UserError(f"mountpoint {path} does not exist")
     if not mnt.is_dir():
         raise UserError(f"mountpoint {path} is not a directory")
+    # Listing an autofs trigger would fire it (and wait for this very mount): not looked in.
+    if top is None and not nonempty and any(mnt.iterdir()):
+        raise UserError(
+            f"mountpoint {path} is not empty: the mount would hide its files "
+            "(-o nonempty mounts over them anyway)"
+        )
     return str(mnt.resolve())

@@ -19,7 +19,7 @@ def mark_io_flusher() -> None:
     """
     err = set_io_flusher()
     if err:
-        log.info("PR_SET_IO_FLUSHER unavailable (errno %d)", err)
+        log.debug("PR_SET_IO_FLUSHER unavailable (errno %d)", err)
 
 
 def raise_kernel_readahead(mountpoint: str) -> None:

@@ -6,6 +6,7 @@ waiting for a connection happens here, in FIFO order, and never inside httpx.
 
 import logging
 import random
+import socket
 import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -95,22 +96,27 @@ def make_client(config: ClientConfig, creds: Credentials) -> httpx.AsyncClient:
 _NAME_MISMATCH = (62, 64)  # X509_V_ERR_HOSTNAME_MISMATCH, X509_V_ERR_IP_ADDRESS_MISMATCH
 
 
-def _certificate_failure(exc: BaseException) -> ssl.SSLCertVerificationError | None:
-    """The failed server certificate check behind an httpx error, if that is what it is."""
+E = TypeVar("E", bound=BaseException)
+
+
+def _cause(exc: BaseException, kind: type[E], depth: int = 0) -> E | None:
+    """The first exception of type `kind` in the chain behind `exc` (looking into
+    exception groups: trio tries each address of a host and groups the failures)."""
     seen: BaseException | None = exc
-    while seen is not None:
-        if isinstance(seen, ssl.SSLCertVerificationError):
+    while seen is not None and depth < 32:
+        if isinstance(seen, kind):
             return seen
+        if isinstance(seen, BaseExceptionGroup):
+            for inner in seen.exceptions:
+                found = _cause(inner, kind, depth + 1)
+                if found is not None:
+                    return found
         seen = seen.__cause__ or seen.__context__
+        depth += 1
     return None
 
 
-def _http_error(exc: httpx.HTTPError) -> FetchError:
-    """A transient FetchError, unless the server's certificate failed verification: retrying
-    cannot fix that."""
-    cert_error = _certificate_failure(exc)
-    if cert_error is None:
-        return FetchError((str(exc) or type(exc).__name__).splitlines()[0], transient=True)
+def _certificate_error(cert_error: ssl.SSLCertVerificationError) -> FetchError:
     reason = (cert_error.verify_message or "").rstrip(".")
     detail = f": {reason}" if reason else ""
     if cert_error.verify_code in _NAME_MISMATCH:
@@ -118,6 +124,50 @@ def _http_error(exc: httpx.HTTPError) -> FetchError:
     else:
         hint = "use -o cafile= for a private CA"
     return FetchError(f"TLS certificate verification failed{detail} ({hint})", transient=False)
+
+
+def _connection_error(exc: httpx.HTTPError, url: str) -> FetchError | None:
+    """A sentence for the connection failures people meet, with the likely cause; None
+    for the others."""
+    parts = urlsplit(url)
+    host = parts.hostname or "?"
+    where = f"{host}:{parts.port or (443 if parts.scheme == 'https' else 80)}"
+    name_error = _cause(exc, socket.gaierror)
+    if name_error is not None:
+        if name_error.errno == socket.EAI_AGAIN:
+            return FetchError(f"cannot resolve {host} (name service not answering)", transient=True)
+        return FetchError(f"unknown host {host} (check the URL)", transient=False)
+    if _cause(exc, ConnectionRefusedError) is not None:
+        return FetchError(
+            f"connection refused by {where} (is the server running, on this port?)",
+            transient=True,
+        )
+    tls_error = _cause(exc, ssl.SSLError)
+    if tls_error is not None and "WRONG_VERSION_NUMBER" in str(tls_error):
+        return FetchError(
+            f"{where} does not speak TLS (is this an http port? try http://)", transient=False
+        )
+    if isinstance(exc, httpx.ConnectTimeout):
+        return FetchError(f"no answer from {where} (wrong address, or a firewall?)", transient=True)
+    if isinstance(exc, httpx.RemoteProtocolError) and parts.scheme == "http":
+        return FetchError(
+            f"{where} closed the connection without an HTTP reply (is this an https port? "
+            "try https://)",
+            transient=True,
+        )
+    return None
+
+
+def _http_error(exc: httpx.HTTPError, url: str) -> FetchError:
+    """A transient FetchError, unless retrying cannot help (a certificate that fails
+    verification, an unknown host, TLS spoken to a plain HTTP port)."""
+    cert_error = _cause(exc, ssl.SSLCertVerificationError)
+    if cert_error is not None:
+        return _certificate_error(cert_error)
+    known = _connection_error(exc, url)
+    if known is not None:
+        return known
+    return FetchError((str(exc) or type(exc).__name__).splitlines()[0], transient=True)
 
 
 def _status_hint(status: int, www_authenticate: str, url: str) -> str:
@@ -130,6 +180,8 @@ def _status_hint(status: int, www_authenticate: str, url: str) -> str:
         return " (is this a backupfs store? run `backupfs index` on it)"
     if status == 400 and url.startswith("https:"):
         return " (does the server want a client certificate? -o cert=,key=)"
+    if status == 400 and url.startswith("http:"):
+        return " (is this an https port? try https://)"
     return ""
 
 
@@ -176,7 +228,7 @@ class StoreClient:
                 message = f"timed out after {self.config.timeout_s:g}s"
                 raise FetchError(message, transient=True) from None
             except httpx.HTTPError as exc:
-                raise _http_error(exc) from None
+                raise _http_error(exc, url) from None
             finally:
                 self.stats.requests_in_flight -= 1
                 self.stats.record_fetch(trio.current_time() - start)
@@ -202,12 +254,16 @@ class StoreClient:
 
     async def get_metadata(self, path: str) -> bytes:
         """A whole metadata file; failures become one-line StoreErrors."""
+        return (await self.get_metadata_typed(path))[0]
+
+    async def get_metadata_typed(self, path: str) -> tuple[bytes, str]:
+        """A whole metadata file and the Content-Type the server gave it."""
         url = self.url(path)
 
-        async def attempt() -> bytes:
+        async def attempt() -> tuple[bytes, str]:
             chunks: list[bytes] = []
-            await self._get(url, {}, MAX_METADATA_BYTES, chunks.append)
-            return b"".join(chunks)
+            headers = await self._get(url, {}, MAX_METADATA_BYTES, chunks.append)
+            return b"".join(chunks), headers.get("Content-Type", "")
 
         try:
             return await self.with_retries(attempt, redact(url))

@@ -7,15 +7,28 @@ import trio
 
 from backupfs.errors import ManifestError
 from backupfs.ranges import block_count
-from backupfs.remote.client import StoreClient
+from backupfs.remote.client import StoreClient, redact
 from backupfs.store import manifest
 from backupfs.store.image import Image
 
 log = logging.getLogger(__name__)
+# What a server sends instead of a catalogue: an HTML page, an XML error (S3). Static
+# servers without a MIME table send JSON as application/octet-stream, so that is no sign.
+_NOT_JSON = frozenset({"text/html", "application/xhtml+xml", "text/xml", "application/xml"})
 
 
 async def load_catalogue(store: StoreClient) -> manifest.Catalogue:
-    return manifest.parse_catalogue(await store.get_metadata(manifest.CATALOGUE_NAME))
+    data, content_type = await store.get_metadata_typed(manifest.CATALOGUE_NAME)
+    try:
+        return manifest.parse_catalogue(data)
+    except ManifestError as exc:
+        url = redact(store.url(manifest.CATALOGUE_NAME))
+        kind = content_type.split(";")[0].strip()
+        if kind in _NOT_JSON:  # an error page, a directory listing, a login form
+            raise ManifestError(
+                f"{url}: got {kind}, not a store catalogue (is this the store's URL?)"
+            ) from None
+        raise ManifestError(f"{url}: {exc}") from None
 
 
 def _parse_digests(data: bytes, image: Image) -> list[bytes]:

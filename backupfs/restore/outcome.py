@@ -6,6 +6,8 @@ import time
 from dataclasses import dataclass, field
 
 from backupfs.restore.durability import FlushResult
+from backupfs.restore.walk import ScanCount
+from backupfs.units import human
 
 
 @dataclass(frozen=True)
@@ -82,8 +84,8 @@ class Progress:
         left = max(self.total_bytes - self.out.bytes, 0)
         eta = f"{left / rate:4.0f}s" if rate > 0 else "   ?"
         return (f"\r{self.out.files + self.out.skipped}/{self.total_files} files  "
-                f"{self.out.bytes / 1e6:,.0f}/{self.total_bytes / 1e6:,.0f} MB  "
-                f"{rate / 1e6:6.1f} MB/s  ETA {eta} ")  # fmt: skip
+                f"{human(self.out.bytes)} of {human(self.total_bytes)}  "
+                f"{human(rate)}/s  ETA {eta} ")  # fmt: skip
 
     def _run(self) -> None:
         while not self.stop.wait(0.5):
@@ -98,3 +100,32 @@ class Progress:
         self.stop.set()
         self.thread.join()
         sys.stderr.write(self._line() + "\n")
+
+
+class ScanProgress:
+    """`scanning: N dirs, M files` on a terminal while the sources are walked, so a large
+    tree does not look hung before the copy starts; `count` is updated by the walk."""
+
+    def __init__(self, count: "ScanCount", enabled: bool) -> None:
+        self.count, self.enabled = count, enabled
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _line(self) -> str:
+        return f"\rscanning: {self.count.dirs} dirs, {self.count.files} files "
+
+    def _run(self) -> None:
+        while not self.stop.wait(0.5):
+            sys.stderr.write(self._line())
+            sys.stderr.flush()
+
+    def __enter__(self) -> "ScanProgress":
+        if self.enabled:
+            self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.enabled:
+            self.stop.set()
+            self.thread.join()
+            sys.stderr.write(self._line() + "\n")

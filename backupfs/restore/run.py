@@ -10,10 +10,10 @@ import time
 from backupfs.errors import UsageError, UserError
 from backupfs.plan import readplan
 from backupfs.restore.durability import Target, flush_target
-from backupfs.restore.outcome import Outcome, Progress, RestoreOptions
+from backupfs.restore.outcome import Outcome, Progress, RestoreOptions, ScanProgress
 from backupfs.restore.pipeline import Pipeline
 from backupfs.restore.prefetch import MetadataPrefetch
-from backupfs.restore.walk import SourcePlan, walk, walk_files, walk_listed
+from backupfs.restore.walk import ScanCount, SourcePlan, walk, walk_files, walk_listed
 
 MARKER = ".backupfs-restore-in-progress"
 
@@ -56,11 +56,11 @@ def _check_dest(dest: str, existing: str) -> bool:
     return False
 
 
-def _plans(sources: list[str], dest: str) -> list[SourcePlan]:
+def _plans(sources: list[str], dest: str, count: ScanCount) -> list[SourcePlan]:
     """One SRC: DEST is its copy (a directory) or holds it (a file). Several: each lands in
     DEST/<name>; the files among them form one plan, so they are read in parallel."""
     if len(sources) == 1:
-        return [walk(sources[0], dest)]
+        return [walk(sources[0], dest, count)]
     names = [os.path.basename(os.path.normpath(s)) for s in sources]
     for name in names:
         if names.count(name) > 1:
@@ -69,7 +69,7 @@ def _plans(sources: list[str], dest: str) -> list[SourcePlan]:
     dirs = [s for s in sources if os.path.isdir(s) and not os.path.islink(s)]
     files = [s for s in sources if s not in dirs]  # missing ones fail in walk_files
     named = zip(sources, names, strict=True)
-    plans = [walk(s, os.path.join(dest, name)) for s, name in named if s in dirs]
+    plans = [walk(s, os.path.join(dest, name), count) for s, name in named if s in dirs]
     return plans + ([walk_files(files, dest)] if files else [])
 
 
@@ -78,22 +78,25 @@ def restore(
 ) -> Outcome:
     """`listed`: paths relative to the one SRC (`--files-from`), restored at the same
     relative paths under DEST."""
+    started = time.monotonic()  # the summary's time is the whole run's, scan included
     dest = os.path.abspath(dest)
     if listed is not None and (len(sources) != 1 or not os.path.isdir(sources[0])):
         raise UsageError("--files-from takes exactly one SRC, a directory")
     prefetch = MetadataPrefetch(sources, listed, dest) if opts.read_plan else None
     if prefetch is not None:
         prefetch.start()
+    count = ScanCount()
     try:
-        if listed is not None:
-            plans = [walk_listed(sources[0], listed, dest)]
-        else:
-            plans = _plans(sources, dest)
+        with ScanProgress(count, opts.progress):
+            if listed is not None:
+                plans = [walk_listed(sources[0], listed, dest, count)]
+            else:
+                plans = _plans(sources, dest, count)
     finally:
         early_plan = prefetch.join() if prefetch is not None else None
     known = prefetch.known if prefetch is not None else None
     try:
-        return _restore(plans, dest, opts, early_plan, known)
+        return _restore(plans, dest, opts, early_plan, known, started)
     finally:
         if early_plan is not None:
             early_plan.close()
@@ -105,12 +108,13 @@ def _restore(
     opts: RestoreOptions,
     early_plan: readplan.RestorePlan | None,
     known: readplan.KnownExtents | None = None,
+    started: float | None = None,
 ) -> Outcome:
     resuming = [_check_dest(p.dest, opts.existing) for p in plans]
     out = Outcome(total_files=sum(len(p.files) for p in plans),
                   total_bytes=sum(p.total_bytes for p in plans))  # fmt: skip
     out.failed.extend(missing for p in plans for missing in p.missing)
-    started = time.monotonic()
+    started = time.monotonic() if started is None else started
     # Opened before anything is written: syncfs reports errors since this open.
     try:
         target = Target.open(_existing_ancestor(dest))

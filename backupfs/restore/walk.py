@@ -15,6 +15,14 @@ from backupfs.errors import UserError
 SCAN_THREADS = 8
 
 
+@dataclass
+class ScanCount:
+    """How far the walk got, for the progress line (written by the walking thread only)."""
+
+    dirs: int = 0
+    files: int = 0
+
+
 @dataclass(frozen=True)
 class Entry:
     rel: str  # path relative to the source root ("" for the root itself)
@@ -59,7 +67,7 @@ def clone_roots(source: str) -> list[str]:
     return [os.path.realpath(source)] if where is None else where.on_every_clone()
 
 
-def walk(source: str, dest: str) -> SourcePlan:
+def walk(source: str, dest: str, count: ScanCount | None = None) -> SourcePlan:
     """Everything under `source` (a directory, restored as `dest`), or `source` alone (a
     file or link, restored into the directory `dest`)."""
     roots = clone_roots(source)
@@ -72,7 +80,7 @@ def walk(source: str, dest: str) -> SourcePlan:
     else:
         name = os.path.basename(roots[0])
         plan, start = SourcePlan([os.path.dirname(r) for r in roots], dest), Entry(name, top)
-    return _descend(plan, [start])
+    return _descend(plan, [start], count)
 
 
 def _lstat(plan: SourcePlan, rel: str, shown: str) -> os.stat_result:
@@ -82,7 +90,9 @@ def _lstat(plan: SourcePlan, rel: str, shown: str) -> os.stat_result:
         raise UserError(f"{shown}: {exc.strerror}") from None
 
 
-def walk_listed(source: str, rels: list[str], dest: str) -> SourcePlan:
+def walk_listed(
+    source: str, rels: list[str], dest: str, count: ScanCount | None = None
+) -> SourcePlan:
     """The paths `rels` under the directory `source` (directories with all they hold),
     restored at the same relative paths under `dest`, like `rsync -a --files-from`: the
     directories on the way are restored too, with their metadata, but not their other
@@ -104,7 +114,7 @@ def walk_listed(source: str, rels: list[str], dest: str) -> SourcePlan:
             plan.dirs.append(Entry(parent, _lstat(plan, parent, os.path.join(source, parent))))
             parent = os.path.dirname(parent)
         starts.append(Entry(rel, st))
-    return _descend(plan, starts)
+    return _descend(plan, starts, count)
 
 
 def _scan(root: str, rel: str) -> list[Entry]:
@@ -114,7 +124,9 @@ def _scan(root: str, rel: str) -> list[Entry]:
     return [Entry(os.path.join(rel, c.name), c.stat(follow_symlinks=False)) for c in children]
 
 
-def _scan_all(roots: list[str], starts: list[Entry]) -> dict[str, list[Entry]]:
+def _scan_all(
+    roots: list[str], starts: list[Entry], count: ScanCount | None = None
+) -> dict[str, list[Entry]]:
     """Every directory under `starts`, scanned by parallel threads spread over the clones:
     each lstat may wait for a fetch, and many waits in flight hide the round trips."""
     found: dict[str, list[Entry]] = {}
@@ -141,6 +153,9 @@ def _scan_all(roots: list[str], starts: list[Entry]) -> dict[str, list[Entry]]:
                 for child in found[rel]:
                     if child.is_dir:
                         submit(child.rel)
+                if count is not None:
+                    count.dirs += 1
+                    count.files += sum(not c.is_dir for c in found[rel])
     return found
 
 
@@ -154,8 +169,8 @@ def scan_paths(source: str, files: bool) -> list[str]:
     return [roots[0]] + [os.path.join(roots[0], rel) for rel in wanted]
 
 
-def _descend(plan: SourcePlan, starts: list[Entry]) -> SourcePlan:
-    scanned = _scan_all(plan.roots, starts)
+def _descend(plan: SourcePlan, starts: list[Entry], count: ScanCount | None) -> SourcePlan:
+    scanned = _scan_all(plan.roots, starts, count)
     # Clones are one filesystem on several devices: hard links are found by clone 0's device.
     devices = {os.stat(root).st_dev: os.stat(plan.roots[0]).st_dev for root in plan.roots}
     first_of: dict[tuple[int, int], str] = {}

@@ -46,13 +46,20 @@ def hash_image(path: Path, block_size: int) -> bytes:
     return bytes(out)
 
 
-def _usable_name(path: Path, what: str) -> bool:
+def _usable_name(path: Path, what: str, say: Callable[[str], None]) -> bool:
     try:
         manifest.check_name(path.name, what)
     except ManifestError as exc:
-        log.warning("skipping %s: %s", path, exc)
+        say(f"skipped {path}: {exc}")
         return False
     return True
+
+
+def _skip_stray_files(directory: Path, where: str, say: Callable[[str], None]) -> None:
+    """Say which files sit where no image is looked for, so a misplaced image is noticed."""
+    for path in sorted(p for p in directory.iterdir() if p.is_file()):
+        if path.name != manifest.CATALOGUE_NAME:
+            say(f"skipped {path}: {where} (images go in STORE/HOST/SNAPSHOT/DISK{IMAGE_SUFFIX})")
 
 
 def _previous(snap_dir: Path) -> SnapshotEntry | None:
@@ -67,11 +74,16 @@ def index_snapshot(
     store: Path, host: str, snap: str, block_size: int, say: Callable[[str], None]
 ) -> SnapshotEntry | None:
     snap_dir = store / host / snap
-    images = sorted(
-        p
-        for p in snap_dir.iterdir()
-        if p.name.endswith(IMAGE_SUFFIX) and p.is_file() and _usable_name(p, "disk")
-    )
+    images = []
+    for path in sorted(snap_dir.iterdir()):
+        if path.name == manifest.META_DIR:
+            continue
+        if not path.is_file():
+            say(f"skipped {path}: not a regular file")
+        elif not path.name.endswith(IMAGE_SUFFIX):
+            say(f"skipped {path}: not a {IMAGE_SUFFIX} file (raw images are indexed by that name)")
+        elif _usable_name(path, "disk", say):
+            images.append(path)
     if not images:
         return None
     previous = _previous(snap_dir)
@@ -119,11 +131,13 @@ def index_store(
     if not os.access(store, os.W_OK):
         raise UserError(f"{store}: not writable (index writes metadata next to the images)")
     snapshots = []
+    _skip_stray_files(store, "not in a host directory", say)
     for host_dir in sorted(p for p in store.iterdir() if p.is_dir()):
-        if not _usable_name(host_dir, "host"):
+        if not _usable_name(host_dir, "host", say):
             continue
+        _skip_stray_files(host_dir, "not in a snapshot directory", say)
         for snap_dir in sorted(p for p in host_dir.iterdir() if p.is_dir()):
-            if not _usable_name(snap_dir, "snapshot"):
+            if not _usable_name(snap_dir, "snapshot", say):
                 continue
             entry = index_snapshot(store, host_dir.name, snap_dir.name, block_size, say)
             if entry is not None:

@@ -31,6 +31,10 @@ NGINX_EXTRA = f"""
         }}
         location /norange/ {{ max_ranges 0; }}
         location /forbidden/ {{ return 403; }}
+        location = /html/backupfs-store.json {{
+            default_type text/html;
+            return 200 "<html><body>Welcome to nginx!</body></html>";
+        }}
 """
 
 

@@ -184,11 +184,18 @@ def test_store_errors_are_one_line(store: Store, mnt: Path) -> None:
         f"cannot read {url}forbidden/backupfs-store.json: HTTP 403 (check -o token_file=)"
     )
     assert _mount_error(url + "badjson/", mnt).startswith(
-        "malformed store metadata: not valid JSON"
+        f"{url}badjson/backupfs-store.json: malformed store metadata: not valid JSON"
     )
-    assert _mount_error(url + "hostile/", mnt) == "unsafe host name in store metadata: '..'"
+    assert _mount_error(url + "hostile/", mnt) == (
+        f"{url}hostile/backupfs-store.json: unsafe host name in store metadata: '..'"
+    )
     assert _mount_error(url + "newer/", mnt) == (
+        f"{url}newer/backupfs-store.json: "
         "store format version 99 is not supported (this backupfs reads 1)"
+    )
+    assert _mount_error(url + "html/", mnt) == (
+        f"{url}html/backupfs-store.json: got text/html, not a store catalogue "
+        "(is this the store's URL?)"
     )
     assert _mount_error(url + "norange/", mnt) == (
         f"{url}norange/: the server ignores Range requests (answered 200 to a ranged GET); "

@@ -326,7 +326,7 @@ def test_a_bad_block_in_the_backup_fails_one_file_only(
     assert result.returncode == EXIT_PARTIAL
     assert result.stderr.splitlines() == [
         "backupfs: failed: bad.bin: Input/output error",
-        "backupfs: 1 files failed, the rest was restored",
+        "backupfs: 1 file failed, the rest was restored",
     ]
     restored = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in dest.iterdir()
                 if p.name != "lost+found" and not p.name.startswith(".backupfs")}  # fmt: skip

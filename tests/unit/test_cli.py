@@ -35,3 +35,25 @@ def test_a_url_first_is_the_mount_helper_form(capsys: pytest.CaptureFixture[str]
     assert "backupfs mount: error: the following arguments are required: MOUNTPOINT" in (
         capsys.readouterr().err
     )
+
+
+def test_stats_lines_say_what_the_cache_bound_is_and_keep_one_precision() -> None:
+    from backupfs.cli.format import stats_lines
+
+    doc = {
+        "store": "http://s/", "bytes_served": 0, "bytes_fetched": 0, "requests": 3,
+        "requests_in_flight": 0, "retries": 0, "cache_hits": 1, "cache_misses": 1,
+        "blocks_in_cache": 1, "cache_bytes": 65536, "cache_max_bytes": 192 << 20,
+        "fetch_p50_ms": 12.0, "fetch_p99_ms": 45.67, "readahead_windows": [],
+        "readahead_max_bytes": 64 << 20, "verify_failures": 0, "read_errors": 0,
+    }  # fmt: skip
+    lines = stats_lines(doc)
+    assert "64.0 KiB of 192.0 MiB (cache_size= less the replies in flight)" in lines[3]
+    assert lines[4] == "fetch latency    p50 12.0 ms, p99 45.7 ms"
+
+
+def test_counts_have_their_noun_in_the_right_number() -> None:
+    from backupfs.units import human, plural
+
+    assert plural(1, "file") == "1 file" and plural(0, "file") == "0 files"
+    assert human(1536) == "1.5 KiB" and human(10) == "10 B"

@@ -4,7 +4,6 @@ import calendar
 import copy
 import hashlib
 import json
-import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -403,24 +402,45 @@ def test_missing_digest_file_is_rewritten(store: tuple[Path, dict[str, bytes]]) 
     _check_indexed(root, images, cat)
 
 
-def test_unsafe_names_are_skipped(
-    store: tuple[Path, dict[str, bytes]], caplog: pytest.LogCaptureFixture
-) -> None:
+def test_unsafe_names_are_skipped(store: tuple[Path, dict[str, bytes]]) -> None:
     root, images = store
     _write(root / ".hidden/2026-11-20/sda.img", b"x" * 100)
     _write(root / "alpha/.snap/sda.img", b"y" * 100)
     _write(root / "alpha/2026-11-20T0300Z/.secret.img", b"z" * 100)
     say = Say()
-    with caplog.at_level(logging.WARNING, logger="backupfs.store.indexer"):
-        cat = indexer.index_store(root, block_size=BS, say=say)
+    cat = indexer.index_store(root, block_size=BS, say=say)
     _check_indexed(root, images, cat)
     assert ".hidden" not in {s.host for s in cat.snapshots}
     assert not (root / ".hidden/2026-11-20/.backupfs").exists()
     assert not (root / "alpha/.snap/.backupfs").exists()
-    assert say.hashed() == sorted(images)
-    assert "(hidden name)" in caplog.text
+    skipped = [line for line in say.lines if line.startswith("skipped ")]
+    assert len(skipped) == 3 and all("(hidden name)" in line for line in skipped)
     for name in (".hidden", ".snap", ".secret.img"):
-        assert name in caplog.text
+        assert any(name in line for line in skipped)
+    assert say.hashed() == sorted(images)
+
+
+def test_misplaced_images_are_listed_not_silently_ignored(
+    store: tuple[Path, dict[str, bytes]],
+) -> None:
+    root, images = store
+    _write(root / "stray.img", b"a" * 10)
+    _write(root / "alpha/disk0.img", b"b" * 10)
+    _write(root / "alpha/2026-11-20T0300Z/disk1.raw", b"c" * 10)
+    (root / "alpha/2026-11-20T0300Z/sub").mkdir()
+    say = Say()
+    cat = indexer.index_store(root, block_size=BS, say=say)
+    _check_indexed(root, images, cat)
+    skipped = sorted(line for line in say.lines if line.startswith("skipped "))
+    assert skipped == [
+        f"skipped {root}/alpha/2026-11-20T0300Z/disk1.raw: not a .img file "
+        "(raw images are indexed by that name)",
+        f"skipped {root}/alpha/2026-11-20T0300Z/sub: not a regular file",
+        f"skipped {root}/alpha/disk0.img: not in a snapshot directory "
+        "(images go in STORE/HOST/SNAPSHOT/DISK.img)",
+        f"skipped {root}/stray.img: not in a host directory "
+        "(images go in STORE/HOST/SNAPSHOT/DISK.img)",
+    ]
 
 
 def test_index_store_refuses_a_missing_directory(tmp_path: Path) -> None:

@@ -151,10 +151,28 @@ def test_cache_size_bounds_cache_plus_replies_in_flight() -> None:
     assert opts.lru_bytes + opts.connections * opts.request_size == opts.cache_size
     assert opts.readahead <= opts.lru_bytes // 2
     assert parse_options(["cache_size=192M,readahead=64M"]).readahead == 64 << 20
-    with pytest.raises(UserError, match=r"^readahead= must be at most half of cache_size= less"):
+    with pytest.raises(UserError) as info:
         parse_options(["cache_size=128M,readahead=64M"])
-    with pytest.raises(UserError, match=r"request_size= must be at most half of cache_size="):
+    assert str(info.value) == (
+        "readahead=64M must be at most half of what the cache holds besides the replies in "
+        "flight (96M = cache_size=128M less 32M): at most readahead=48M"
+    )
+    with pytest.raises(UserError) as info:
         parse_options(["cache_size=64M,connections=8,request_size=8M"])
+    assert str(info.value) == (
+        "cache_size=64M is too small for connections=8 x request_size=8M = 64M of replies "
+        "in flight: it must be at least twice that, cache_size=128M"
+    )
+
+
+def test_a_tiny_cache_says_the_numbers_and_the_minimum() -> None:
+    with pytest.raises(UserError) as info:
+        parse_options(["cache_size=1024"])
+    assert str(info.value) == (
+        "cache_size=1K is too small for connections=16 x request_size=1M = 16M of replies "
+        "in flight: it must be at least twice that, cache_size=32M"
+    )
+    assert parse_options(["cache_size=32M"]).cache_size == 32 << 20  # the minimum works
 
 
 def test_a_small_cache_shrinks_the_defaults() -> None:
@@ -210,3 +228,25 @@ def test_counts(item: str, message: str) -> None:
 def test_count_with_a_non_ascii_digit_is_a_user_error() -> None:
     with pytest.raises(UserError, match="connections"):
         parse_options(["connections=²"])
+
+
+def test_the_option_table_is_the_readme_table_and_names_every_option() -> None:
+    """`backupfs mount --help` and the README show one table (OPTION_TABLE)."""
+    from dataclasses import fields
+
+    from backupfs.options import _FLAGS, OPTION_TABLE, MountOptions, option_help
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    start = readme.index("| option | default | meaning |")
+    rows = []
+    for line in readme[start:].splitlines()[2:]:
+        if not line.startswith("|"):
+            break
+        name, default, meaning = (c.strip() for c in line.strip("|").split("|"))
+        rows.append((name.strip("`"), default.strip("`"), meaning))
+    assert tuple(rows) == OPTION_TABLE
+    names = {name.rstrip("=") for name, _, _ in OPTION_TABLE}
+    assert names == {f.name for f in fields(MountOptions)}
+    for name, _, _ in OPTION_TABLE:
+        assert name.endswith("=") != (name in _FLAGS), name
+        assert name in option_help()
