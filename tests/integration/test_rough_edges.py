@@ -14,9 +14,10 @@ import pytest
 from backupfs.errors import EXIT_ERROR, EXIT_PARTIAL, EXIT_STORE
 from tests.integration.conftest import Store
 from tests.support.attachment import attach_env, attached, served_store
-from tests.support.disks import PartSpec, make_disk
+from tests.support.disks import make_disk
+from tests.support.fsimages import PartSpec
 from tests.support.mounting import mounted, run_cli
-from tests.support.system import is_mounted, unmount
+from tests.support.system import is_mounted, tmpfs_mounted
 
 
 def _one_line(result: subprocess.CompletedProcess[str], rc: int) -> str:
@@ -37,13 +38,8 @@ def _tree(root: Path) -> dict[str, str]:
 
 @pytest.fixture
 def tmpfs_ro(tmp_path: Path) -> Iterator[Path]:
-    path = tmp_path / "ro"
-    path.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(path)], check=True)
-    try:
+    with tmpfs_mounted(tmp_path / "ro", "ro,size=1m") as path:
         yield path
-    finally:
-        unmount(path)
 
 
 def test_dest_on_a_read_only_filesystem_is_one_line(tmp_path: Path, tmpfs_ro: Path) -> None:

@@ -11,6 +11,7 @@ from tests.support.system import (
     is_mounted,
     mount_points_under,
     remove_tree,
+    tmpfs_mounted,
     top_fstype,
     unmount,
     unmount_under,
@@ -21,13 +22,9 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="mounts a tmpfs")
 
 @pytest.fixture
 def tmpfs(tmp_path: Path) -> Iterator[Path]:
-    mnt = tmp_path / "with space\tand tab"  # mountinfo writes these as \040 and \011
-    mnt.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], check=True)
-    try:
+    # mountinfo writes these as \040 and \011
+    with tmpfs_mounted(tmp_path / "with space\tand tab") as mnt:
         yield mnt
-    finally:
-        unmount(mnt)
 
 
 def test_mounts_are_found_by_their_real_names(tmp_path: Path, tmpfs: Path) -> None:

@@ -13,7 +13,7 @@ import os
 import shutil
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -136,6 +136,18 @@ def unmount(
         error = lazy.stderr.strip()
     if is_mounted(path):
         raise RuntimeError(f"{path}: still mounted after umount -l: {error}")
+
+
+@contextlib.contextmanager
+def tmpfs_mounted(mnt: Path, options: str = "size=1m") -> Iterator[Path]:
+    """A tmpfs at `mnt` (made here if absent) with mount `options`, unmounted on exit."""
+    mnt.mkdir(exist_ok=True)
+    cmd = ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(mnt)]
+    subprocess.run(cmd, check=True, timeout=30)
+    try:
+        yield mnt
+    finally:
+        unmount(mnt, timeout_s=30)
 
 
 def unmount_under(root: Path | str, *, timeout_s: float = UNMOUNT_TIMEOUT_S) -> None:

@@ -8,15 +8,15 @@ import stat
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 import pytest
 
 from backupfs.errors import UserError
 from backupfs.readpath.diskcache import DiskCache
-from tests.support.system import unmount
+from tests.support.system import tmpfs_mounted
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="mounts a tmpfs")
 
@@ -35,15 +35,8 @@ def entry_path(root: Path, digest: bytes) -> Path:
     return root / "v1" / digest.hex()[:2] / digest.hex()
 
 
-@contextmanager
-def tmpfs(mnt: Path, size: str) -> Iterator[Path]:
-    mnt.mkdir()
-    cmd = ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(mnt)]
-    subprocess.run(cmd, check=True, timeout=30)
-    try:
-        yield mnt
-    finally:
-        unmount(mnt, timeout_s=30)
+def tmpfs(mnt: Path, size: str) -> AbstractContextManager[Path]:
+    return tmpfs_mounted(mnt, f"size={size},mode=0700")
 
 
 def test_round_trip_and_layout(tmp_path: Path) -> None:
