@@ -21,7 +21,8 @@ from pathlib import Path
 
 from common import run_logged
 
-from tests.support.disks import PartSpec, make_disk
+from tests.support.disks import make_disk
+from tests.support.fsimages import PartSpec
 from tests.support.mounting import sha256_file
 from tests.support.system import unmount_under
 
