@@ -14,10 +14,12 @@ from pathlib import Path
 import pytest
 
 from tests.support.attachment import ServedStore, attached, served_store
-from tests.support.disks import PartSpec, make_disk, make_tree
+from tests.support.disks import make_disk
+from tests.support.fsimages import PartSpec
 from tests.support.kernel import needs_filesystems
 from tests.support.mounting import run_cli, sha256_file
 from tests.support.system import is_mounted, mount_points_under, remove_tree
+from tests.support.trees import make_tree
 
 # vfat is optional: where the kernel lacks it, attach must say so (tested below).
 pytestmark = needs_filesystems("ext2", "ext3", "ext4", "xfs", "btrfs")

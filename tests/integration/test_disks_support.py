@@ -14,9 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.disks import MIB, PartSpec, make_disk, make_tree
+from tests.support.disks import make_disk
+from tests.support.fsimages import MIB, PartSpec
 from tests.support.kernel import needs_filesystems
 from tests.support.system import remove_tree, unmount
+from tests.support.trees import make_tree
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (mknod, loop mounts)")
 

@@ -12,10 +12,12 @@ import pytest
 
 from backupfs.plan import metaprefetch, readplan
 from tests.support import attachment
-from tests.support.disks import PartSpec, make_disk, make_tree
+from tests.support.disks import make_disk
+from tests.support.fsimages import PartSpec
 from tests.support.kernel import needs_filesystems
 from tests.support.mounting import read_stats, run_cli, sha256_file
 from tests.support.system import remove_tree
+from tests.support.trees import make_tree
 
 pytestmark = needs_filesystems("ext4", "xfs")
 

@@ -18,7 +18,8 @@ import pytest
 from backupfs.errors import EXIT_INTERRUPTED
 from backupfs.store.indexer import index_store
 from tests.support.attachment import attach_env, attached
-from tests.support.disks import PartSpec, make_disk
+from tests.support.disks import make_disk
+from tests.support.fsimages import PartSpec
 from tests.support.kernel import needs_filesystems
 from tests.support.mounting import BACKUPFS, mounted, run_cli, sha256_file
 from tests.support.nginx import Nginx
