@@ -146,6 +146,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("umount", help="unmount a backupfs mount")
     p.add_argument("mountpoint", metavar="MOUNTPOINT", help="where a backupfs store is mounted")
+    p.add_argument(
+        "-l",
+        "--lazy",
+        action="store_true",
+        help="detach now, free when the last open file closes (umount -l)",
+    )
     p.set_defaults(func=store_commands.cmd_umount)
 
     p = sub.add_parser("stats", help="show a mount's counters (MOUNTPOINT/.backupfs/stats)")

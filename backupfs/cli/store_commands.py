@@ -108,16 +108,28 @@ def cmd_mount(args: argparse.Namespace) -> int:
 
 def cmd_umount(args: argparse.Namespace) -> int:
     from backupfs.attach import state as attach_state
+    from backupfs.linux.holders import is_dead_mount, processes_using
     from backupfs.linux.mountinfo import top_fstype
 
     path = os.path.realpath(args.mountpoint)
     if top_fstype(path) != "fuse.backupfs":
         raise UserError(f"{args.mountpoint} is not a backupfs mount")
-    proc = subprocess.run(["fusermount3", "-u", path], capture_output=True, text=True, timeout=60)
+    lazy = ["-z"] if args.lazy else []
+    proc = subprocess.run(
+        ["fusermount3", "-u", *lazy, path], capture_output=True, text=True, timeout=60
+    )
     if proc.returncode == 0:
         return 0
     if top_fstype(path) != "fuse.backupfs":  # gone meanwhile (another umount)
         return 0
+    if is_dead_mount(path):
+        holders = ", ".join(f"{pid} ({name})" for pid, name in processes_using(path))
+        held = f", held open by {holders}" if holders else ""
+        raise UserError(
+            f"{args.mountpoint} is a dead backupfs mount (its daemon is gone){held}: "
+            f"close those files, or `backupfs umount -l {args.mountpoint}` detaches it now "
+            "and frees it when they close"
+        )
     users = [a.target for a in attach_state.load_all() if a.image.startswith(path + os.sep)]
     if users:
         first = "; ".join(f"backupfs detach {t}" for t in users)

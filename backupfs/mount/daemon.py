@@ -21,6 +21,7 @@ import trio
 import trio.lowlevel
 
 from backupfs.errors import EXIT_INTERNAL, UserError, user_error_in
+from backupfs.linux.holders import is_dead_mount
 from backupfs.linux.mountinfo import top_fstype
 from backupfs.mount import control, tuning
 from backupfs.mount.fuse_ops import BackupFsOps
@@ -84,7 +85,10 @@ async def serve(
     stats = Stats()
     readahead = ReadaheadConfig(max_bytes=opts.readahead)
     # Receive signals from the start, so that one sent right after "ready" is not lost.
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+    # SIGHUP too, as libfuse does: a closed terminal under `mount -f`, or `systemctl kill -s
+    # HUP`, unmounts cleanly instead of leaving a dead mount (log_file= follows logrotate by
+    # itself: see setup_logging).
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         client_config = ClientConfig.from_options(opts)
         enlarge_socket_reads()
         async with make_client(client_config, creds) as client, trio.open_nursery() as nursery:
@@ -143,7 +147,8 @@ def setup_logging(opts: MountOptions, foreground: bool) -> None:
     logging.getLogger("httpcore").setLevel(logging.WARNING)
     handler: logging.Handler
     if opts.log_file is not None:
-        handler = logging.FileHandler(opts.log_file)
+        # Reopened when logrotate moves it away, with no signal needed.
+        handler = logging.handlers.WatchedFileHandler(opts.log_file)
     elif foreground:
         handler = logging.StreamHandler()
     elif os.path.exists("/dev/log"):
@@ -243,6 +248,11 @@ def check_mountpoint(path: str, nonempty: bool = False) -> str:
     `nonempty`, as for other FUSE filesystems) holding files the mount would hide."""
     # An autofs mount is systemd's automount trigger: mounting over it is the point.
     top = top_fstype(path)
+    if top == "fuse.backupfs" and is_dead_mount(path):
+        raise UserError(
+            f"mountpoint {path} is a dead backupfs mount (its daemon is gone): "
+            f"`backupfs umount {path}` clears it"
+        )
     if top not in (None, "autofs"):
         raise UserError(f"mountpoint {path} is busy (something is already mounted there)")
     mnt = Path(path)
