@@ -18,7 +18,7 @@ GENERIC_OPTIONS = frozenset(
 )  # fmt: skip
 _SIZE = re.compile(r"(\d+)([KMGT]?)(i?B)?", re.IGNORECASE)
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-_FLAGS = ("allow_other", "debug", "insecure", "nonempty")
+_FLAGS = ("allow_other", "allow_http", "debug", "insecure", "nonempty")
 _SIZES = ("cache_size", "block_size", "readahead", "request_size", "cache_dir_size")
 
 # The option table of `backupfs mount --help` and of the README (tests/unit/test_options.py
@@ -45,6 +45,11 @@ OPTION_TABLE: tuple[tuple[str, str, str], ...] = (
     ("cert=", "", "client certificate (PEM); may also hold the key"),
     ("key=", "", "the client certificate's private key (PEM), unencrypted"),
     ("insecure", "off", "do not verify the server's certificate (logs a warning)"),
+    (
+        "allow_http",
+        "off",
+        "send token_file= or netrc= credentials over plain http:// (refused without it)",
+    ),
     (
         "nonempty",
         "off",
@@ -73,6 +78,7 @@ class MountOptions:
     key: Path | None = None  # the client certificate's private key (PEM)
     cafile: Path | None = None  # CA bundle (PEM) to verify the server with, not the system's
     insecure: bool = False  # no TLS verification at all
+    allow_http: bool = False  # credentials over plain http:// (to a non-loopback host)
     allow_other: bool = False  # let other users read (files become 0444)
     nonempty: bool = False  # mount over a directory that has files (hidden while mounted)
     debug: bool = False  # per-request log lines

@@ -5,10 +5,19 @@ from pathlib import Path
 
 # Options that make a read-only mount of a possibly unclean filesystem safe, and that let
 # several clones of one filesystem be mounted at once.
+#
+# The image must not choose what the kernel does on a metadata error: ext2/3/4 take it
+# from the superblock (`tune2fs -e panic`, or `errors=panic` in its stored mount options),
+# and one damaged block would then panic the host. `errors=continue` on the command line
+# overrides both. xfs has no such setting in the image (its panic switch is the host's
+# fs.xfs.panic_mask sysctl); btrfs reads no mount options from the image and its
+# `fatal_errors=` default, `bug`, is the mildest it has; vfat and exfat default to
+# remount-ro whatever the image says. See docs/design.md, Attach.
+_EXT_ERRORS = "errors=continue"
 _FS_OPTIONS = {
-    "ext4": ["noload"],  # no journal replay
-    "ext3": ["noload"],
-    "ext2": [],
+    "ext4": ["noload", _EXT_ERRORS],  # no journal replay
+    "ext3": ["noload", _EXT_ERRORS],
+    "ext2": [_EXT_ERRORS],
     "xfs": ["norecovery", "nouuid"],  # no log recovery; clones share a UUID
     "btrfs": ["rescue=nologreplay"],  # clones of one fs get a temporary fsid (Linux 6.7+)
     "vfat": [],

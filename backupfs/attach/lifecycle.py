@@ -3,9 +3,16 @@
 Clone 0 of each partition is mounted at TARGET/p<K>; clones 1..N-1 under the run
 directory, where `backupfs restore` spreads its readers. Every step is journalled first
 (attach_state.py), and any failure undoes what was done.
+
+The filesystems publish the backup's files with their original owners and modes, so
+TARGET is the gate: 0700 (0755 with --share), and a directory of ours. Each mount goes
+on a descriptor of the directory attach made (`/proc/self/fd/N` of an O_PATH|O_NOFOLLOW
+open), so a name turned into a symlink meanwhile cannot send it elsewhere; detach
+unmounts a path only while the recorded loop device is what is mounted there.
 """
 
 import contextlib
+import errno
 import os
 import stat
 import subprocess
@@ -34,6 +41,11 @@ class AttachRequest:
     partition: int | None = None  # only this partition
     follow_symlinks: bool = False
     direct_io: bool = False
+    share: bool = False  # TARGET 0755 instead of 0700: other users may read the backup
+
+
+_DIR_FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_OPEN_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 def _check_image(image: str) -> int:
@@ -55,36 +67,107 @@ def _check_image(image: str) -> int:
     return size
 
 
-def _prepare_target(target: str) -> bool:
-    """Create TARGET if absent (returns True) or check that it is an empty directory."""
+def _prepare_target(target: str) -> tuple[bool, int | None]:
+    """Create TARGET (0700) if absent, else check that it is an empty directory of ours:
+    whether it was created, and the mode it had if not."""
     if any(m.mount_point == target for m in read_mounts()):
         raise UserError(f"{target}: something is already mounted there")
     if attach_state.load(target) is not None:
         raise UserError(f"{target}: already attached (run `backupfs detach {target}` first)")
-    path = Path(target)
-    if not path.exists():
-        path.mkdir(parents=True)
-        return True
-    if not path.is_dir():
-        raise UserError(f"{target}: not a directory")
-    if any(path.iterdir()):
-        raise UserError(f"{target}: not empty")
-    return False
+    if not os.path.lexists(target):
+        try:
+            Path(target).parent.mkdir(parents=True, exist_ok=True)
+            os.mkdir(target, 0o700)
+            return True, None
+        except FileExistsError:
+            pass  # made meanwhile: checked below like any existing TARGET
+        except OSError as exc:
+            raise UserError(f"{target}: cannot create it: {exc.strerror}") from None
+    try:
+        fd = os.open(target, _OPEN_DIR)
+    except OSError as exc:
+        if exc.errno in (errno.ENOTDIR, errno.ELOOP):
+            raise UserError(f"{target}: not a directory") from None
+        raise UserError(f"{target}: {exc.strerror}") from None
+    try:
+        st = os.fstat(fd)
+        if os.listdir(fd):
+            raise UserError(f"{target}: not empty")
+    finally:
+        os.close(fd)
+    if st.st_uid != os.geteuid():
+        raise UserError(
+            f"{target}: owned by uid {st.st_uid}, who could open it to others or swap what is "
+            "mounted in it: use a directory of yours (attach makes an absent one)"
+        )
+    return False, stat.S_IMODE(st.st_mode)
+
+
+def _set_target_mode(target: str, mode: int) -> None:
+    fd = os.open(target, _OPEN_DIR)
+    try:
+        os.fchmod(fd, mode)
+    finally:
+        os.close(fd)
+
+
+def _fd_path(fd: int) -> str:
+    """Where the kernel says an open directory is (symlinks resolved, as mountinfo does)."""
+    return os.readlink(f"/proc/self/fd/{fd}")
+
+
+def _claim_dir(path: str) -> int:
+    """An O_PATH descriptor of the directory `path`, made here (0700) or one of ours already
+    there; never what a symlink at `path` points to. Mounting on the descriptor rather
+    than on the name means a later swap of the name cannot redirect the mount."""
+    refused = UserError(f"{path}: not a directory attach made (a symlink?): not mounting there")
+    parent, name = os.path.split(path)
+    try:
+        pfd = os.open(parent, _DIR_FLAGS)
+    except OSError as exc:
+        raise UserError(f"{parent}: cannot make mount points in it: {exc.strerror}") from None
+    try:
+        if _fd_path(pfd) != parent:
+            raise refused
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(name, 0o700, dir_fd=pfd)
+        try:
+            fd = os.open(name, _DIR_FLAGS, dir_fd=pfd)
+        except OSError:
+            raise refused from None
+        parent_dev = os.fstat(pfd).st_dev
+    finally:
+        os.close(pfd)
+    st = os.fstat(fd)
+    if st.st_uid != os.geteuid() or st.st_dev != parent_dev or _fd_path(fd) != path:
+        os.close(fd)
+        raise refused
+    return fd
 
 
 def _mounted_paths() -> set[str]:
     return {m.mount_point for m in read_mounts()}
 
 
-def _mount(rec: MountRecord) -> None:
-    argv = ["mount", "-t", rec.fstype, "-o", rec.options, rec.device, rec.path]
-    proc = subprocess.run(argv, capture_output=True, text=True, timeout=MOUNT_TIMEOUT_S)
+def _mount(rec: MountRecord, fd: int) -> None:
+    """Mount `rec` on the directory open as `fd` (from _claim_dir), by its /proc/self/fd
+    name, which mount(8) must not resolve to a path (--no-canonicalize)."""
+    on = f"/proc/self/fd/{fd}"
+    argv = ["mount", "--no-canonicalize", "-t", rec.fstype, "-o", rec.options, rec.device, on]
+    proc = subprocess.run(
+        argv, capture_output=True, text=True, timeout=MOUNT_TIMEOUT_S, pass_fds=(fd,)
+    )
     if proc.returncode != 0:
-        reason = failure_reason(proc, "mount: ")
+        reason = failure_reason(proc, "mount: ").replace(on, rec.path)
         raise UserError(
             f"p{rec.partition} ({rec.fstype}) refused to mount read-only: {reason} "
             "(--partition K attaches the others)"
         )
+    where = _fd_path(fd)  # moved meanwhile: only by root, but never leave it there unsaid
+    if where != rec.path:
+        subprocess.run(["umount", "--no-canonicalize", where], capture_output=True,
+                       timeout=MOUNT_TIMEOUT_S)  # fmt: skip
+        raise UserError(f"{rec.path}: moved to {where} while attaching")
 
 
 def _select(parts: list[Partition], req: AttachRequest) -> list[Partition]:
@@ -114,8 +197,8 @@ def attach(req: AttachRequest, after_loops: Callable[[], None] | None = None) ->
     if not mountable:
         reasons = "; ".join(f"p{r.number}: {r.skipped}" for r in records)
         raise UserError(f"{req.image}: nothing to mount ({reasons})")
-    created = _prepare_target(target)
-    att = Attachment(target, image, req.clones, created, partitions=records)
+    created, mode = _prepare_target(target)
+    att = Attachment(target, image, req.clones, created, partitions=records, target_mode=mode)
     attach_state.save(att)
     try:
         _set_up(att, mountable, req, after_loops)
@@ -132,6 +215,12 @@ def _set_up(
     req: AttachRequest,
     after_loops: Callable[[], None] | None,
 ) -> None:
+    _set_target_mode(att.target, 0o755 if req.share else 0o700)
+    if req.clones > 1:
+        attach_state.clones_dir()  # checked: owned by root or us, 0700
+        for d in [att.private_dir, *(att.private_dir / f"c{c}" for c in range(1, req.clones))]:
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(d, 0o700)
     for clone in range(req.clones):
         for part in mountable:
             device = loopdev.attach(att.image, part.start_bytes, part.size_bytes, req.direct_io)
@@ -142,21 +231,42 @@ def _set_up(
     for loop in att.loops:
         part = next(p for p in mountable if p.number == loop.partition)
         assert part.fstype is not None
-        base = Path(att.target) if loop.clone == 0 else att.private_dir / f"c{loop.clone}"
-        path = base / f"p{part.number}"
-        path.mkdir(parents=True, exist_ok=True)
+        path = att.mount_path(loop.clone, part.number)
         options = fstypes.mount_options(part.fstype, req.follow_symlinks)
-        rec = MountRecord(str(path), loop.device, part.number, loop.clone, part.fstype, options)
+        rec = MountRecord(path, loop.device, part.number, loop.clone, part.fstype, options)
         att.mounts.append(rec)
-        attach_state.save(att)  # journal before the mount exists
-        _mount(rec)
+        attach_state.save(att)  # journal before the mount point and the mount exist
+        fd = _claim_dir(path)
+        try:
+            _mount(rec, fd)
+        finally:
+            os.close(fd)
     att.complete = True
     attach_state.save(att)
 
 
-def _unmount(path: str) -> None:
-    proc = subprocess.run(["umount", path], capture_output=True, text=True, timeout=MOUNT_TIMEOUT_S)
-    if proc.returncode != 0 and path in _mounted_paths():
+def _ours_mounted(rec: MountRecord) -> bool:
+    """Whether `rec`'s loop device is mounted at its path; a UserError if something else is
+    on top there (detach never unmounts what attach did not mount)."""
+    here = [m for m in read_mounts() if m.mount_point == rec.path]
+    if not here:
+        return False
+    if here[-1].source != rec.device:
+        raise UserError(
+            f"{rec.path}: {here[-1].source} is mounted there, not {rec.device}: not unmounting it"
+        )
+    return True
+
+
+def _unmount(rec: MountRecord) -> None:
+    path = rec.path
+    if not _ours_mounted(rec):
+        return
+    if os.path.realpath(path) != path:  # mountinfo names it so: a symlink swapped in since
+        raise UserError(f"{path}: now leads elsewhere through a symlink: not unmounting it")
+    argv = ["umount", "--no-canonicalize", path]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=MOUNT_TIMEOUT_S)
+    if proc.returncode != 0 and _ours_mounted(rec):
         raise UserError(f"{path} is busy: close what uses it (fuser -vm {path}) and retry")
 
 
@@ -176,14 +286,15 @@ def _remove_empty_dirs(att: Attachment) -> None:
     if att.created_target:
         with contextlib.suppress(OSError):
             os.rmdir(att.target)
+    elif att.target_mode is not None:  # the mode it had before attach made it 0700
+        with contextlib.suppress(OSError):
+            _set_target_mode(att.target, att.target_mode)
 
 
 def detach_attachment(att: Attachment) -> None:
     """Undo everything recorded, in reverse order; safe to run again after a failure."""
-    mounted = _mounted_paths()
     for rec in reversed(att.mounts):
-        if rec.path in mounted:
-            _unmount(rec.path)
+        _unmount(rec)
     for loop in reversed(att.loops):
         loopdev.detach(loop.device, att.image, loop.start_bytes)
     _remove_empty_dirs(att)

@@ -22,6 +22,7 @@ def cmd_attach(args: argparse.Namespace) -> int:
             partition=args.partition,
             follow_symlinks=args.follow_symlinks,
             direct_io=args.direct_io,
+            share=args.share,
         )
     )
     print("\n".join(attach.describe(att)))
@@ -65,6 +66,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
         existing=existing,
         progress=sys.stderr.isatty() and not args.json,
         read_plan=not args.no_plan,
+        no_special=args.no_special,
     )
     listed = None
     if args.files_from is not None:
@@ -82,9 +84,11 @@ def cmd_restore(args: argparse.Namespace) -> int:
             f"restored {plural(out.files, 'file')} ({human(out.bytes)}) in {out.seconds:.1f}s"
             + (f", {out.skipped} already there" if out.skipped else "")
         )
+        for line in out.special_lines():  # setuid, capabilities, device nodes: said out loud
+            print(line)
         for result in out.flush:
             print(f"flushed {result.line()}")
-    for path, error in out.failed:
+    for path, error in sorted(out.failed):
         print(f"backupfs: failed: {path}: {error}", file=sys.stderr)
     if out.failed:
         failed = plural(len(out.failed), "file")

@@ -79,6 +79,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="let paths follow symlinks inside the backup (default: nosymfollow)",
     )
     p.add_argument("--direct-io", action="store_true", help="loop devices with direct I/O")
+    p.add_argument(
+        "--share",
+        action="store_true",
+        help="let other users read the backup's files: TARGET 0755 (default 0700, owner only)",
+    )
     p.set_defaults(func=disk_commands.cmd_attach)
 
     p = sub.add_parser("detach", help="undo an attach (also after a crashed attach)")
@@ -125,6 +130,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--skip-existing",
         action="store_true",
         help="restore into a non-empty DEST, leaving existing names alone",
+    )
+    p.add_argument(
+        "--no-special",
+        action="store_true",
+        help="for untrusted backups: drop setuid/setgid bits and file capabilities, "
+        "skip device nodes (each one is listed)",
     )
     p.add_argument("--json", action="store_true", help="a JSON summary on stdout")
     p.set_defaults(func=disk_commands.cmd_restore)

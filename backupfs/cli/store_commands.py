@@ -63,29 +63,40 @@ def cmd_ls(args: argparse.Namespace) -> int:
         async with make_client(config, creds) as client:
             return await load_catalogue(StoreClient(client, url, config, Stats()))
 
-    catalogue = trio.run(fetch)
+    catalogue = trio.run(fetch)  # checked: names are UTF-8, times and sizes int64
     rows: list[dict[str, str | int]] = [
         {
             "host": s.host,
             "snapshot": s.name,
-            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(s.time_ns // 10**9)),
+            "time": _utc(s.time_ns),
             "disk": d.name,
             "size_bytes": d.size_bytes,
         }
         for s in catalogue.snapshots
         for d in s.disks
     ]
-    if args.json:
+    if args.json:  # json escapes control characters itself
         json.dump(rows, sys.stdout, indent=1)
         print()
         return 0
     print(f"{'HOST':<16} {'SNAPSHOT':<22} {'TIME (UTC)':<20} {'DISK':<16} {'SIZE':>10}")
     for r in rows:
-        print(
-            f"{r['host']:<16} {r['snapshot']:<22} {r['time']:<20} {r['disk']:<16} "
-            f"{human(int(r['size_bytes'])):>10}"
-        )
+        host, snap, disk = (_shown(str(r[k])) for k in ("host", "snapshot", "disk"))
+        print(f"{host:<16} {snap:<22} {r['time']:<20} {disk:<16} {human(int(r['size_bytes'])):>10}")
     return 0
+
+
+def _utc(time_ns: int) -> str:
+    try:
+        return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time_ns // 10**9))
+    except (OverflowError, OSError, ValueError):  # beyond this platform's time_t
+        return f"@{time_ns // 10**9}"
+
+
+def _shown(name: str) -> str:
+    """A store's name for a terminal: backslashes and non-printable characters (escape
+    sequences, newlines, bidirectional overrides) escaped as Python's repr does."""
+    return "".join(c if c.isprintable() and c != "\\" else repr(c)[1:-1] for c in name)
 
 
 def cmd_mount(args: argparse.Namespace) -> int:

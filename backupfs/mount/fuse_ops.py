@@ -3,15 +3,16 @@
 What the filesystem shows (attributes, names, listings, the control directory) is
 decided by `view.py`; this module only converts its plain data to pyfuse3's types, keeps
 the file handles and serves reads. Only this module imports pyfuse3 (with `daemon.py`,
-which runs its main loop); errno mapping happens here and nowhere else.
+which runs its main loop); errno mapping happens here and nowhere else: `_replies`, which
+every handler wears.
 """
 
-import contextlib
 import errno
+import functools
 import logging
 import os
-from collections.abc import Iterator
-from typing import cast
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, ParamSpec, TypeVar, cast
 
 import pyfuse3
 import trio
@@ -25,15 +26,38 @@ from backupfs.readpath.readahead import ReadaheadConfig, StreamTracker
 from backupfs.remote.metadata import DigestLoader
 
 log = logging.getLogger(__name__)
+P = ParamSpec("P")
+R = TypeVar("R")
+_U64_MAX = (1 << 64) - 1  # fsblkcnt_t, fsfilcnt_t
 
 
-@contextlib.contextmanager
-def _view_errors() -> Iterator[None]:
-    """The one place where the view's refusals become FUSE error replies."""
-    try:
-        yield
-    except ViewError as exc:
-        raise pyfuse3.FUSEError(exc.errno) from None
+def _replies(handler: Callable[P, Awaitable[R]]) -> Callable[P, Coroutine[Any, Any, R]]:
+    """The one place where failures become FUSE error replies. A ViewError is its errno;
+    a fetch failure is EIO (its fetch task logged it), a store failure EIO and one log
+    line; anything else is a bug: EIO, and its traceback in the log. pyfuse3 ends its main
+    loop (the mount dies) on any exception but FUSEError, so none other may leave."""
+    name = handler.__name__
+
+    @functools.wraps(handler)
+    async def reply(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return await handler(*args, **kwargs)
+        except pyfuse3.FUSEError:
+            raise
+        except ViewError as exc:
+            raise pyfuse3.FUSEError(exc.errno) from None
+        except FetchError as exc:
+            log.debug("FUSE %s: %s", name, exc)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+        except StoreError as exc:
+            log.error("FUSE %s: %s", name, exc)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+        except Exception:
+            first = args[1] if len(args) > 1 and isinstance(args[1], int) else ""
+            log.exception("FUSE %s(%s) failed; replied EIO", name, first)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+
+    return reply
 
 
 def _entry_attributes(attrs: Attributes) -> pyfuse3.EntryAttributes:
@@ -89,73 +113,71 @@ class BackupFsOps(pyfuse3.Operations):
         self._next_fh += 1
         return fh
 
+    @_replies
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        with _view_errors():
-            return _entry_attributes(self.view.attributes(inode))
+        return _entry_attributes(self.view.attributes(inode))
 
+    @_replies
     async def lookup(
         self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
-        with _view_errors():
-            return _entry_attributes(self.view.lookup(parent_inode, os.fsdecode(name)))
+        return _entry_attributes(self.view.lookup(parent_inode, os.fsdecode(name)))
 
+    @_replies
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
-        with _view_errors():
-            self.view.open_dir(inode)
+        self.view.open_dir(inode)
         return inode
 
+    @_replies
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
-        with _view_errors():
-            for inode, name in self.view.entries(fh):
-                if inode <= start_id:
-                    continue
-                attrs = _entry_attributes(self.view.attributes(inode))
-                if not pyfuse3.readdir_reply(token, os.fsencode(name), attrs, inode):
-                    return
+        for inode, name in self.view.entries(fh):
+            if inode <= start_id:
+                continue
+            attrs = _entry_attributes(self.view.attributes(inode))
+            if not pyfuse3.readdir_reply(token, os.fsencode(name), attrs, inode):
+                return
 
+    @_replies
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
-        with _view_errors():
-            opened = self.view.open_file(inode, flags)
+        opened = self.view.open_file(inode, flags)
         if isinstance(opened, ControlFile):
             fh = self._new_fh()
             self._control_handles[fh] = opened.contents
             return pyfuse3.FileInfo(fh=cast(pyfuse3.FileHandleT, fh), direct_io=True)
-        try:
-            await self.digests.ensure(opened.image)
-        except StoreError as exc:
-            log.error("cannot open %s: %s", opened.name, exc)
-            raise pyfuse3.FUSEError(errno.EIO) from None
+        await self.digests.ensure(opened.image)  # a StoreError: EIO, logged by _replies
         fh = self._new_fh()
         self._handles[fh] = (opened, StreamTracker(self.readahead))
         return pyfuse3.FileInfo(fh=cast(pyfuse3.FileHandleT, fh), keep_cache=True)
 
+    @_replies
     async def read(self, fh: int, off: int, size: int) -> bytes:
         if fh in self._control_handles:
             return self._control_handles[fh][off : off + size]
-        opened, tracker = self._handles[fh]
-        try:
-            return await self.reader.read(opened.image, off, size, tracker)
-        except FetchError:
-            raise pyfuse3.FUSEError(errno.EIO) from None
-        except Exception:
-            log.exception("unexpected error reading %s", opened.name)
-            raise pyfuse3.FUSEError(errno.EIO) from None
+        handle = self._handles.get(fh)
+        if handle is None:
+            raise ViewError(errno.EBADF)
+        opened, tracker = handle
+        return await self.reader.read(opened.image, off, size, tracker)
 
+    @_replies
     async def release(self, fh: int) -> None:
         self._handles.pop(fh, None)
         self._control_handles.pop(fh, None)
 
+    @_replies
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
         raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
 
+    @_replies
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
         return []
 
+    @_replies
     async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
         fs = self.view.statfs()
         st = pyfuse3.StatvfsData()
         st.f_bsize = st.f_frsize = fs.block_bytes
-        st.f_blocks = fs.blocks
+        st.f_blocks = min(fs.blocks, _U64_MAX)  # many huge images would overflow it
         st.f_bfree = st.f_bavail = fs.blocks_free
         st.f_files = fs.files
         st.f_ffree = st.f_favail = fs.files_free

@@ -9,12 +9,18 @@ Several processes may share a root: entries are renamed into place whole, and ev
 tolerates a file another process just removed. Recency is the mtime, set on write and hit.
 `bytes_used` is this process's estimate; past `max_bytes`, a scan of the directory (which
 counts other processes' entries too) evicts least recently used files down to 90%.
+
+Whoever can write in the directory can plant files, symlinks and subdirectories in it, so
+the root and `v1/` must be ours and writable by no one else when root uses them (another
+user's files would otherwise steer root's writes and deletions), and an entry is read
+only up to `max_entry_bytes`: a planted huge file is dropped, never read whole.
 """
 
 import contextlib
 import hashlib
 import logging
 import os
+import stat
 import tempfile
 import threading
 import time
@@ -22,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from backupfs.errors import UserError
+from backupfs.store.manifest import MAX_BLOCK_SIZE
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +37,7 @@ _EVICT_TO = 0.9  # evict down to this fraction of max_bytes, so not on every put
 _WRITE_WARNING_INTERVAL_S = 600.0
 _STALE_TEMP_NS = 3600 * 10**9  # a temporary file this old was left by a crashed writer
 _TAG = "Signature: 8a477f597d28d172789f06886806bc55\n# backupfs block cache\n"
+MAX_ENTRY_BYTES = MAX_BLOCK_SIZE  # an entry is one store block (a digest's), never larger
 
 
 @dataclass
@@ -44,9 +52,10 @@ class DiskCacheStats:
 
 
 class DiskCache:
-    def __init__(self, root: Path, max_bytes: int) -> None:
+    def __init__(self, root: Path, max_bytes: int, max_entry_bytes: int = MAX_ENTRY_BYTES) -> None:
         self.root = root
         self.max_bytes = max_bytes
+        self.max_entry_bytes = min(max_bytes, max_entry_bytes)
         self.stats = DiskCacheStats()
         self._dir = root / _FORMAT_DIR
         self._lock = threading.Lock()  # guards bytes_used, stats and _warned
@@ -56,8 +65,13 @@ class DiskCache:
         _check_root(root)
         try:
             self._dir.mkdir(mode=0o700, exist_ok=True)
-            if self._dir.stat().st_uid != os.geteuid():
+            st = self._dir.lstat()
+            if not stat.S_ISDIR(st.st_mode):
+                raise UserError(f"cache_dir {self._dir} is not a directory")
+            if st.st_uid != os.geteuid():
                 raise UserError(f"cache_dir {self._dir} is owned by another user")
+            if st.st_mode & 0o022:
+                raise UserError(f"cache_dir {self._dir} is writable by group or others")
             if not (root / "CACHEDIR.TAG").exists():  # tells backup tools to skip it
                 (root / "CACHEDIR.TAG").write_text(_TAG)
         except OSError as e:
@@ -83,7 +97,7 @@ class DiskCache:
     def put(self, digest: bytes, data: bytes) -> None:
         """Store a verified block under its SHA-256 `digest`; a no-op if already there."""
         path = self._path(digest)
-        if len(data) > self.max_bytes or _touch(path):
+        if len(data) > self.max_entry_bytes or _touch(path):
             return
         tmp = None
         try:
@@ -111,13 +125,24 @@ class DiskCache:
     def _read_verified(self, path: Path, digest: bytes) -> bytes | None:
         try:
             fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)  # a FIFO can't hang
-            with open(fd, "rb") as f:
-                data = f.read()
         except FileNotFoundError:
             return None
         except OSError as e:
             self._drop(path, f"unreadable ({e.strerror or e})")
             return None
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or st.st_size > self.max_entry_bytes:
+                kind = "oversized" if stat.S_ISREG(st.st_mode) else "not a regular file"
+                self._drop(path, f"{kind} ({st.st_size} bytes)")
+                return None
+            with open(fd, "rb", closefd=False) as f:
+                data = f.read(self.max_entry_bytes + 1)  # bounded even if it grows meanwhile
+        except OSError as e:
+            self._drop(path, f"unreadable ({e.strerror or e})")
+            return None
+        finally:
+            os.close(fd)
         if hashlib.sha256(data).digest() != digest:
             self._drop(path, f"corrupt ({len(data)} bytes, wrong SHA-256)")
             return None
@@ -199,6 +224,10 @@ def _check_root(root: Path) -> None:
         raise UserError(f"cache_dir {root}: {e.strerror or e}") from None
     if st.st_mode & 0o022 and st.st_uid != os.geteuid():
         raise UserError(f"cache_dir {root} is writable by other users and not owned by you")
+    if os.geteuid() == 0 and st.st_uid != 0:  # its owner could steer root's writes
+        raise UserError(f"cache_dir {root} is owned by uid {st.st_uid}: root uses only its own")
+    if os.geteuid() == 0 and st.st_mode & 0o022:
+        raise UserError(f"cache_dir {root} is writable by group or others; chmod go-w it")
     if not os.access(root, os.W_OK | os.X_OK):
         raise UserError(f"cache_dir {root} is not writable")
 

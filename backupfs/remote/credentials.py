@@ -2,9 +2,16 @@
 
 Only file paths travel on the command line; the secrets they hold live in one
 `Credentials` object whose repr shows none of them.
+
+Plain http:// carries a token or a password in clear, and lets anyone on the network path
+forge the catalogue (digests included): credentials over it are refused unless
+`allow_http` is given, and plain http gets a warning in any case. A loopback address
+(127.0.0.0/8, ::1, localhost) is exempt from both: its traffic never leaves the host and
+only root can watch it (a local TLS tunnel or proxy is the usual reason for one).
 """
 
 import base64
+import ipaddress
 import netrc
 import os
 import ssl
@@ -13,8 +20,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from backupfs.errors import UserError
+from backupfs.errors import UsageError, UserError
 from backupfs.options import MountOptions
+
+PLAIN_HTTP_WARNING = (
+    "plain http://: anyone on the network path can read and alter what the store sends "
+    "(use https://)"
+)
 
 
 @dataclass(frozen=True, eq=False)
@@ -36,6 +48,7 @@ class Credentials:
 def load_credentials(opts: MountOptions, url: str) -> Credentials:
     """Read every credential file `opts` names; errors are one-line UserErrors."""
     warnings: list[str] = []
+    _check_transport(opts, url, warnings)
     token = basic_auth = None
     if opts.token_file is not None:
         token = _read_token(_read_secret("token_file", opts.token_file, warnings), opts.token_file)
@@ -44,6 +57,30 @@ def load_credentials(opts: MountOptions, url: str) -> Credentials:
         basic_auth = _netrc_login(opts.netrc, urlsplit(url).hostname or "")
     ssl_context = _ssl_context(opts, warnings)
     return Credentials(token, basic_auth, ssl_context, tuple(warnings))
+
+
+def _is_loopback(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _check_transport(opts: MountOptions, url: str, warnings: list[str]) -> None:
+    """Refuse credentials over plain http:// unless `allow_http`; warn of plain http."""
+    parts = urlsplit(url)
+    if parts.scheme != "http" or _is_loopback(parts.hostname or ""):
+        return
+    named = [name for name, path in (("token_file=", opts.token_file), ("netrc=", opts.netrc))
+             if path is not None]  # fmt: skip
+    if named and not opts.allow_http:
+        raise UsageError(
+            f"{named[0]} over plain http:// would send the secret in clear: "
+            "use https:// (or -o allow_http to send it anyway)"
+        )
+    warnings.append(PLAIN_HTTP_WARNING)
 
 
 def _read_token(text: str, path: Path) -> str:

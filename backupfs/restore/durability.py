@@ -5,8 +5,11 @@ syncfs reports writeback errors that happened since the descriptor it is given w
 opened (Linux 5.8+), so `Target.open` is called before any data is written.
 """
 
+import errno
 import os
+import stat
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,10 +17,20 @@ from pathlib import Path
 from backupfs.linux.fs import NO_SYNCFS, fs_name, fs_type, syncfs
 
 
-def fsync_path(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+def fsync_fd(fd: int) -> None:
+    """fsync, where a fifo or socket (EINVAL: nothing to write back) is not an error."""
     try:
         os.fsync(fd)
+    except OSError as exc:
+        if exc.errno != errno.EINVAL or stat.S_ISREG(os.fstat(fd).st_mode):
+            raise
+
+
+def fsync_path(path: str) -> None:
+    """O_NONBLOCK: a fifo among the paths must not hang the flush."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        fsync_fd(fd)
     finally:
         os.close(fd)
 
@@ -31,6 +44,9 @@ class Target:
     f_type: int
     fd: int
     paths: list[str] = field(default_factory=list)  # what to fsync when syncfs won't do
+    # how one of `paths` is fsynced: restore records paths relative to DEST and opens
+    # them beneath it (desttree.py), flush takes the paths it is given
+    fsync: Callable[[str], None] = fsync_path
 
     @classmethod
     def open(cls, path: str) -> "Target":
@@ -67,7 +83,7 @@ def flush_target(target: Target, jobs: int = 16) -> FlushResult:
             method = "syncfs"
         else:
             with ThreadPoolExecutor(jobs) as pool:
-                list(pool.map(fsync_path, target.paths))
+                list(pool.map(target.fsync, target.paths))
             method = f"fsync of {len(target.paths)} files and directories"
     except OSError as exc:
         return FlushResult(target.path, fs_name(target.f_type), "flush", 0.0, str(exc))

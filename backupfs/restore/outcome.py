@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from backupfs.restore.durability import FlushResult
 from backupfs.restore.walk import ScanCount
-from backupfs.units import human
+from backupfs.units import human, plural
 
 
 @dataclass(frozen=True)
@@ -18,6 +18,29 @@ class RestoreOptions:
     existing: str = "refuse"  # refuse | overwrite | skip
     progress: bool = False
     read_plan: bool = True  # tell the mount daemon what will be read (readplan.py)
+    no_special: bool = False  # no setuid/setgid, no security.capability, no device nodes
+
+
+@dataclass
+class Special:
+    """Restored entries that carry privilege when restored as root: files with setuid or
+    setgid bits, files with file capabilities (security.capability), device nodes."""
+
+    setid: int = 0
+    capabilities: int = 0
+    devices: int = 0
+
+    def any(self) -> bool:
+        return bool(self.setid or self.capabilities or self.devices)
+
+    def words(self) -> str:
+        return (f"{plural(self.setid, 'setuid/setgid file')}, "
+                f"{plural(self.capabilities, 'file')} with capabilities, "
+                f"{plural(self.devices, 'device node')}")  # fmt: skip
+
+    def as_dict(self) -> dict[str, int]:
+        return {"setuid_setgid": self.setid, "capabilities": self.capabilities,
+                "device_nodes": self.devices}  # fmt: skip
 
 
 @dataclass
@@ -31,6 +54,10 @@ class Outcome:
     flush: list[FlushResult] = field(default_factory=list)
     seconds: float = 0.0
     planned_bytes: int = 0
+    no_special: bool = False
+    special: Special = field(default_factory=Special)  # restored with their privilege
+    left_out: Special = field(default_factory=Special)  # what --no-special dropped
+    devices_skipped: list[str] = field(default_factory=list)  # by --no-special
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def done(self, size: int) -> None:
@@ -42,6 +69,32 @@ class Outcome:
         text = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
         with self.lock:
             self.failed.append((path, text))
+
+    def privileged(self, setid: bool, capabilities: bool, device: bool, kept: bool) -> None:
+        """Count one restored entry with setuid/setgid bits, capabilities or a device
+        node; with kept False, what it had was left out (--no-special)."""
+        with self.lock:
+            counts = self.special if kept else self.left_out
+            counts.setid += setid
+            counts.capabilities += capabilities
+            counts.devices += device
+
+    def skip_device(self, path: str) -> None:
+        with self.lock:
+            self.left_out.devices += 1
+            self.devices_skipped.append(path)
+
+    def special_lines(self) -> list[str]:
+        """What the summary says about privileged entries: restored as in the backup, or
+        left out with --no-special (each skipped device node named)."""
+        lines = []
+        if self.special.any():
+            lines.append(f"special: restored {self.special.words()} "
+                         "(--no-special leaves them out)")  # fmt: skip
+        if self.no_special and self.left_out.any():
+            lines.append(f"special: left out (--no-special): {self.left_out.words()}")
+        lines += [f"skipped device node: {p}" for p in sorted(self.devices_skipped)]
+        return lines
 
     @property
     def ok(self) -> bool:
@@ -55,7 +108,11 @@ class Outcome:
             "skipped": self.skipped,
             "seconds": round(self.seconds, 3),
             "planned_bytes": self.planned_bytes,
-            "failed": [{"path": p, "error": e} for p, e in self.failed],
+            "failed": [{"path": p, "error": e} for p, e in sorted(self.failed)],
+            "special": self.special.as_dict(),
+            "no_special": self.no_special,
+            "left_out": self.left_out.as_dict(),
+            "skipped_device_nodes": sorted(self.devices_skipped),
             "flush": [
                 {
                     "path": r.path,

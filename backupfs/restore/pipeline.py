@@ -7,17 +7,22 @@ queue; each reads through its own clone. Small files are read whole and handed t
 writers in batches through a queue bounded in size; a large file is streamed by its
 reader straight into its temporary file, one chunk at a time. So memory stays bounded:
 the write queue, plus one chunk or batch per reader.
+
+Every write goes through DEST's directory descriptors (desttree.py): a directory that is
+a symlink, or cannot be made, is reported once and nothing under it is written.
 """
 
 import contextlib
 import logging
 import os
 import queue
+import stat
 import threading
 from collections.abc import Callable
 
 from backupfs.plan import readplan
 from backupfs.restore import copying
+from backupfs.restore.desttree import DestError, DestTree, Skipped, join
 from backupfs.restore.durability import Target
 from backupfs.restore.outcome import Outcome, RestoreOptions
 from backupfs.restore.walk import Entry, SourcePlan
@@ -29,6 +34,7 @@ BATCH_BYTES = 4 << 20
 BATCH_FILES = 256
 WRITE_QUEUE_BATCHES = 16  # x BATCH_BYTES of read data waiting for writers, at most
 _POLL_S = 0.1  # how often a waiting reader or writer looks whether the restore stopped
+ReadFile = tuple[bytes, copying.Xattrs]  # a small file's content and xattrs, read whole
 
 
 def _batches(files: list[Entry]) -> list[list[Entry]]:
@@ -56,38 +62,61 @@ class Pipeline:
         opts: RestoreOptions,
         target: Target,
         out: Outcome,
+        tree: DestTree,
         started_plan: readplan.RestorePlan | None = None,
         known: readplan.KnownExtents | None = None,
     ) -> None:
         self.plan, self.opts, self.target, self.out = plan, opts, target, out
+        self.tree = tree
         self.started_plan = started_plan  # a read plan already under way for these files
         self.known = known  # extents the metadata walk read from the inodes
-        self.is_root = os.geteuid() == 0
+        self.policy = copying.Policy(os.geteuid() == 0, opts.no_special)
         # Set when the restore is interrupted (SIGINT, SIGTERM): readers and writers finish
         # the file in hand (a streamed one gives up between chunks) and return.
         self.stop = threading.Event()
         self.work: queue.SimpleQueue[list[Entry]] = queue.SimpleQueue()
-        self.written: queue.Queue[list[tuple[Entry, str, bytes]] | None] = queue.Queue(
+        self.written: queue.Queue[list[tuple[Entry, str, ReadFile]] | None] = queue.Queue(
             WRITE_QUEUE_BATCHES
         )
 
-    def final(self, entry: Entry) -> str:
-        return os.path.join(self.plan.dest, entry.dest_rel)
+    def at(self, entry: Entry) -> str:
+        """Where the entry goes, relative to DEST."""
+        return join(self.plan.base, entry.dest_rel)
 
-    def _record(self, path: str) -> None:
+    def _record(self, rel: str) -> None:
         if not self.target.uses_syncfs:
             with self.out.lock:
-                self.target.paths.append(path)
+                self.target.paths.append(rel)
 
-    def _guard(self, entry: Entry, action: Callable[..., object], *args: object) -> bool:
-        """Run one step for one entry; a failure is recorded and the restore goes on."""
+    def _guard(self, rel: str, action: Callable[..., object], *args: object) -> bool:
+        """Run one step for one entry; a failure is recorded and the restore goes on. A
+        directory of DEST that cannot be used is reported once, by the first to meet it."""
         try:
             action(*args)
-        except OSError as exc:
-            self.out.fail(entry.dest_rel or ".", exc)
+        except Skipped:
             return False
-        self._record(self.final(entry))
+        except DestError as exc:
+            self.out.fail(exc.rel or ".", exc)
+            return False
+        except OSError as exc:
+            self.out.fail(rel or ".", exc)
+            return False
         return True
+
+    def _privileged(self, st: os.stat_result, xattrs: copying.Xattrs) -> None:
+        setid = not stat.S_ISDIR(st.st_mode) and bool(st.st_mode & copying.SETID)
+        caps = stat.S_ISREG(st.st_mode) and any(n == copying.CAPABILITY for n, _ in xattrs)
+        device = stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode)
+        if setid or caps or device:
+            self.out.privileged(setid, caps, device, kept=not self.opts.no_special)
+
+    def _write(self, rel: str, data: ReadFile | None, src: str, st: os.stat_result) -> None:
+        parent, name = os.path.split(rel)
+        with self.tree.dir(parent) as dir_fd:
+            xattrs = copying.write_file(dir_fd, name, data, src, st, self.policy, self.stop)
+        self.out.done(st.st_size)
+        self._privileged(st, xattrs)
+        self._record(rel)
 
     def reader(self, index: int) -> None:
         with contextlib.suppress(copying.Stopped):
@@ -99,25 +128,22 @@ class Pipeline:
                 batch = self.work.get_nowait()
             except queue.Empty:
                 return
-            ready: list[tuple[Entry, str, bytes]] = []
+            ready: list[tuple[Entry, str, ReadFile]] = []
             for entry in batch:
                 if self.stop.is_set():
                     return
                 src = os.path.join(root, entry.rel)
                 if entry.st.st_size > SMALL_FILE_BYTES:  # streamed by this thread
-                    final = self.final(entry)
-                    args = (final, None, src, entry.st, self.is_root, self.stop)
-                    if self._guard(entry, copying.write_file, *args):
-                        self.out.done(entry.st.st_size)
+                    self._guard(self.at(entry), self._write, self.at(entry), None, src, entry.st)
                     continue
                 try:
                     ready.append((entry, src, copying.read_small(src, entry.st)))
                 except OSError as exc:
-                    self.out.fail(entry.dest_rel, exc)
+                    self.out.fail(self.at(entry), exc)
             if ready:
                 self._hand_over(ready)
 
-    def _hand_over(self, ready: list[tuple[Entry, str, bytes]] | None) -> None:
+    def _hand_over(self, ready: list[tuple[Entry, str, ReadFile]] | None) -> None:
         """Queue a batch for the writers, giving up when the restore stops."""
         while not self.stop.is_set():
             try:
@@ -137,19 +163,41 @@ class Pipeline:
             for entry, src, data in batch:
                 if self.stop.is_set():
                     return
-                final = self.final(entry)
-                if self._guard(entry, copying.write_file, final, data, src, entry.st, self.is_root):
-                    self.out.done(entry.st.st_size)
+                self._guard(self.at(entry), self._write, self.at(entry), data, src, entry.st)
+
+    def _there(self, rel: str) -> os.stat_result | None | bool:
+        """What DEST/rel is now (None: nothing), or False when it cannot be known: under a
+        directory that failed (reported), or not lstat-able (reported here)."""
+        parent = os.path.dirname(rel)
+        if parent in self.tree.made:  # made empty by this restore: one lstat saved
+            return None
+        try:
+            return self.tree.lstat(rel)
+        except Skipped:
+            return False
+        except DestError as exc:
+            self.out.fail(exc.rel, exc)
+        except OSError as exc:
+            self.out.fail(rel, exc)
+        return False
 
     def _todo(self) -> list[Entry]:
         todo = []
         for entry in self.plan.files:
-            final = self.final(entry)
-            if self.opts.existing == "skip" and os.path.lexists(final):
+            rel = self.at(entry)
+            if self.tree.failed and self.tree.under_failed(os.path.dirname(rel)):
+                continue  # its directory was reported: nothing to read for it
+            if self.opts.existing == "overwrite":
+                todo.append(entry)
+                continue
+            have = self._there(rel)
+            if have is False:
+                continue
+            if have is not None and self.opts.existing == "skip":
                 self.out.skipped += 1
-            elif self.opts.existing != "overwrite" and copying.is_complete(final, entry.st):
+            elif isinstance(have, os.stat_result) and copying.is_complete(have, entry.st):
                 self.out.skipped += 1
-                self._record(final)
+                self._record(rel)
             else:
                 todo.append(entry)
         return todo
@@ -162,13 +210,20 @@ class Pipeline:
         return readplan.start_restore_plan(root, files, known=self.known)
 
     def copy_files(self) -> None:
+        """Files, and beside them symlinks, fifos and device nodes (which need no data)."""
         todo = self._todo()
         for batch in _batches(todo):
             self.work.put(batch)
         plan = self.started_plan or self._start_plan(todo)  # the same order as the batches
+        others = threading.Thread(target=self._make_others, args=(self.plan.roots[0],))
+        others.start()
         try:
             self._run_threads()
+        except BaseException:
+            self.stop.set()
+            raise
         finally:
+            others.join()
             if plan is not None:
                 plan.close()
                 self.out.planned_bytes += plan.planned_bytes
@@ -191,41 +246,72 @@ class Pipeline:
             for t in writer_threads + reader_threads:
                 t.join()
 
-    def run(self) -> None:
-        root_src = self.plan.roots[0]
+    def make_dirs(self) -> None:
+        """Every directory, parents first, made 0700 (its mode comes last); one that was
+        there is checked to be a directory, and loses its stale temporary files."""
+        base = self.plan.base
+        if base in self.tree.existed:
+            self._guard(base, self._remove_stale, base)
         for entry in sorted(self.plan.dirs, key=lambda e: e.rel.count(os.sep)):
-            final = self.final(entry)
-            if self._guard(entry, os.makedirs, final, 0o700, True):
-                copying.remove_stale_tmp(final)
-        # Symlinks, fifos and device nodes need no data: they are made beside the copying.
-        others = threading.Thread(target=self._make_others, args=(root_src,))
-        others.start()
-        try:
-            self.copy_files()
-        except BaseException:
-            self.stop.set()
-            raise
-        finally:
-            others.join()
+            rel = self.at(entry)
+            if rel == base:
+                continue  # made (or found) with DEST, run.py
+            try:
+                made = self.tree.mkdir(rel)
+            except Skipped:
+                continue
+            except DestError as exc:
+                self.out.fail(exc.rel, exc)
+                continue
+            if not made:
+                self._guard(rel, self._remove_stale, rel)
+
+    def _remove_stale(self, rel: str) -> None:
+        with self.tree.dir(rel) as dir_fd:
+            copying.remove_stale_tmp(dir_fd)
+
+    def run(self) -> None:
+        self.make_dirs()
+        self.tree.reset()  # from here on each directory is resolved again, as it is now
+        self.copy_files()
         for entry, first in self.plan.links:
-            first_final = os.path.join(self.plan.dest, first)
-            self._guard(entry, copying.make_link, self.final(entry), first_final)
+            rel = self.at(entry)
+            if self.opts.existing == "skip" and self._there(rel) is not None:
+                continue
+            self._guard(rel, self._link, rel, join(self.plan.base, first))
         for entry in sorted(self.plan.dirs, key=lambda e: -e.rel.count(os.sep)):
-            self._guard(entry, self._dir_metadata, entry, root_src)
+            rel = self.at(entry)
+            if self.opts.existing == "skip" and rel in self.tree.existed:
+                continue  # a directory that was there keeps its owner, mode and times
+            if self._guard(rel, self._dir_metadata, rel, entry):
+                self._record(rel)
+
+    def _link(self, rel: str, first: str) -> None:
+        (first_dir, first_name), (parent, name) = os.path.split(first), os.path.split(rel)
+        with self.tree.dir(first_dir) as first_fd, self.tree.dir(parent) as dir_fd:
+            copying.make_link(first_fd, first_name, first, dir_fd, name)
 
     def _make_others(self, root_src: str) -> None:
         for entry in self.plan.others:
             if self.stop.is_set():
                 return
-            final, src = self.final(entry), os.path.join(root_src, entry.rel)
-            if self.opts.existing == "skip" and os.path.lexists(final):
+            rel, src = self.at(entry), os.path.join(root_src, entry.rel)
+            device = stat.S_ISCHR(entry.st.st_mode) or stat.S_ISBLK(entry.st.st_mode)
+            if self.opts.existing == "skip" and self._there(rel) is not None:
                 continue
-            self._guard(entry, copying.make_other, final, src, entry.st, self.is_root)
+            if device and self.opts.no_special:
+                self.out.skip_device(rel)
+                continue
+            self._guard(rel, self._other, rel, src, entry.st)
 
-    def _dir_metadata(self, entry: Entry, root_src: str) -> None:
-        final, src = self.final(entry), os.path.join(root_src, entry.rel)
-        fd = os.open(final, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            copying.apply_metadata(fd, src, entry.st, self.is_root)
-        finally:
-            os.close(fd)
+    def _other(self, rel: str, src: str, st: os.stat_result) -> None:
+        parent, name = os.path.split(rel)
+        with self.tree.dir(parent) as dir_fd:
+            xattrs = copying.make_other(dir_fd, name, src, st, self.policy)
+        self._privileged(st, xattrs)
+
+    def _dir_metadata(self, rel: str, entry: Entry) -> None:
+        src = os.path.join(self.plan.roots[0], entry.rel)
+        xattrs = copying.read_xattrs(src)
+        with self.tree.dir(rel) as fd:
+            copying.apply_metadata(fd, xattrs, entry.st, self.policy)

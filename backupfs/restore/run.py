@@ -1,14 +1,21 @@
 """`backupfs restore`: check DEST, walk the sources, run one pipeline per source with its
 read plan, then flush once. An interrupted restore keeps its marker in DEST, so running
-the same command again resumes it."""
+the same command again resumes it.
+
+DEST is the caller's path (symlinks in it are followed, as for any command); it is opened
+once, and everything under it is reached from that descriptor without following a
+symlink (desttree.py).
+"""
 
 import contextlib
 import json
 import os
+import stat
 import time
 
 from backupfs.errors import UsageError, UserError
 from backupfs.plan import readplan
+from backupfs.restore.desttree import NOT_FOLLOWED, DestError, DestTree, join
 from backupfs.restore.durability import Target, flush_target
 from backupfs.restore.outcome import Outcome, Progress, RestoreOptions, ScanProgress
 from backupfs.restore.pipeline import Pipeline
@@ -16,6 +23,7 @@ from backupfs.restore.prefetch import MetadataPrefetch
 from backupfs.restore.walk import ScanCount, SourcePlan, walk, walk_files, walk_listed
 
 MARKER = ".backupfs-restore-in-progress"
+_MARKER_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 def _existing_ancestor(path: str) -> str:
@@ -24,31 +32,68 @@ def _existing_ancestor(path: str) -> str:
     return path
 
 
-def _start_dest(plan: SourcePlan, resuming: bool) -> None:
-    """Make DEST and mark it in progress; any failure here (read-only, no permission, no
-    space, a file on the way) is one line naming DEST, before anything was copied.
+def _gets_metadata(plan: SourcePlan) -> bool:
+    """Whether the plan's own directory gets a source directory's metadata at the end."""
+    return any(e.rel == "" for e in plan.dirs)
 
-    A DEST that will get a source directory's metadata at the end is made 0700 until then
-    (nobody reads a half-restored tree); one that gets none (single files, several
-    sources, --files-from) is made as `mkdir -p` would, with the umask."""
-    gets_metadata = any(e.rel == "" for e in plan.dirs)
+
+def _open_dest(dest: str, plans: list[SourcePlan]) -> DestTree:
+    """Make DEST and open it. A DEST that will get a source directory's metadata at the
+    end is made 0700 until then (nobody reads a half-restored tree); one that gets none
+    (single files, several sources, --files-from) is made as `mkdir -p` would, with the
+    umask."""
+    mode = 0o700 if any(not p.base and _gets_metadata(p) for p in plans) else 0o777
+    existed = os.path.exists(dest)
     try:
-        os.makedirs(plan.dest, 0o700 if gets_metadata else 0o777, exist_ok=True)
+        os.makedirs(dest, mode, exist_ok=True)
+        tree = DestTree.open(dest)
+    except OSError as exc:
+        raise UserError(f"{dest}: cannot restore into it: {exc.strerror}") from None
+    (tree.existed if existed else tree.made).add("")
+    return tree
+
+
+def _write_marker(tree: DestTree, plan: SourcePlan) -> None:
+    """The marker, a file of our own: whatever has its name is replaced, never opened."""
+    with tree.dir(plan.base) as dir_fd:
+        try:
+            fd = os.open(MARKER, _MARKER_FLAGS, 0o600, dir_fd=dir_fd)
+        except FileExistsError:
+            os.unlink(MARKER, dir_fd=dir_fd)
+            fd = os.open(MARKER, _MARKER_FLAGS, 0o600, dir_fd=dir_fd)
+        with os.fdopen(fd, "w") as f:
+            json.dump({"sources": plan.roots}, f)
+
+
+def _start_dest(tree: DestTree, plan: SourcePlan, resuming: bool) -> None:
+    """Make the plan's directory (DEST/<name> with several sources) and mark it in
+    progress; any failure here (read-only, no permission, no space, a symlink or a file on
+    the way) is one line naming it, before anything was copied."""
+    try:
+        if plan.base:
+            tree.mkdir(plan.base, 0o700 if _gets_metadata(plan) else 0o777)
         if not resuming:
-            with open(os.path.join(plan.dest, MARKER), "w") as f:
-                json.dump({"sources": plan.roots}, f)
+            _write_marker(tree, plan)
     except OSError as exc:
         raise UserError(f"{plan.dest}: cannot restore into it: {exc.strerror}") from None
 
 
-def _check_dest(dest: str, existing: str) -> bool:
-    """True when resuming an interrupted restore into dest."""
-    if not os.path.lexists(dest):
+def _check_dest(dest: str, existing: str, inside: bool) -> bool:
+    """True when resuming an interrupted restore into dest. `inside`: dest is DEST/<name>
+    (several sources), where a symlink is not followed."""
+    try:
+        st = os.lstat(dest) if inside else os.stat(dest)
+    except (FileNotFoundError, NotADirectoryError):
         return False
-    if not os.path.isdir(dest):
+    except OSError as exc:
+        raise UserError(f"{dest}: cannot restore into it: {exc.strerror}") from None
+    if stat.S_ISLNK(st.st_mode):
+        raise UserError(f"{dest}: {NOT_FOLLOWED}")
+    if not stat.S_ISDIR(st.st_mode):
         raise UserError(f"{dest}: exists and is not a directory")
-    if os.path.exists(os.path.join(dest, MARKER)):
-        return True
+    with contextlib.suppress(OSError):
+        if stat.S_ISREG(os.lstat(os.path.join(dest, MARKER)).st_mode):
+            return True
     if existing == "refuse" and any(os.scandir(dest)):
         raise UserError(
             f"{dest}: not empty (use --skip-existing or --overwrite to restore into it)"
@@ -68,8 +113,11 @@ def _plans(sources: list[str], dest: str, count: ScanCount) -> list[SourcePlan]:
                             f"{os.path.join(dest, name)}")  # fmt: skip
     dirs = [s for s in sources if os.path.isdir(s) and not os.path.islink(s)]
     files = [s for s in sources if s not in dirs]  # missing ones fail in walk_files
-    named = zip(sources, names, strict=True)
-    plans = [walk(s, os.path.join(dest, name), count) for s, name in named if s in dirs]
+    plans = []
+    for source, name in zip(sources, names, strict=True):
+        if source in dirs:
+            plans.append(walk(source, os.path.join(dest, name), count))
+            plans[-1].base = name
     return plans + ([walk_files(files, dest)] if files else [])
 
 
@@ -110,10 +158,11 @@ def _restore(
     known: readplan.KnownExtents | None = None,
     started: float | None = None,
 ) -> Outcome:
-    resuming = [_check_dest(p.dest, opts.existing) for p in plans]
+    resuming = [_check_dest(p.dest, opts.existing, bool(p.base)) for p in plans]
     out = Outcome(total_files=sum(len(p.files) for p in plans),
-                  total_bytes=sum(p.total_bytes for p in plans))  # fmt: skip
-    out.failed.extend(missing for p in plans for missing in p.missing)
+                  total_bytes=sum(p.total_bytes for p in plans),
+                  no_special=opts.no_special)  # fmt: skip
+    out.failed.extend((join(p.base, rel), why) for p in plans for rel, why in p.failed)
     started = time.monotonic() if started is None else started
     # Opened before anything is written: syncfs reports errors since this open.
     try:
@@ -121,25 +170,41 @@ def _restore(
     except OSError as exc:
         raise UserError(f"{dest}: cannot restore into it: {exc.strerror}") from None
     try:
-        progress = Progress(out, out.total_files, out.total_bytes) if opts.progress else None
-        with progress or contextlib.nullcontext():
+        tree = _open_dest(dest, plans)
+        try:
             for plan, was_resuming in zip(plans, resuming, strict=True):
-                _start_dest(plan, was_resuming)
-                Pipeline(plan, opts, target, out, early_plan, known).run()
-        markers = sorted({os.path.join(plan.dest, MARKER) for plan in plans})
-        if not out.failed:  # complete: nothing to resume (a failed flush puts them back)
-            for marker in markers:
-                os.unlink(marker)
-            for plan in plans:
-                for root in (e for e in plan.dirs if e.rel == ""):  # unlink touched its mtime
-                    os.utime(plan.dest, ns=(root.st.st_atime_ns, root.st.st_mtime_ns))
-        if opts.flush:
-            out.flush.append(flush_target(target))
-            if out.flush[-1].error is not None:
-                for marker in markers:
-                    with open(marker, "w"):
-                        pass
+                _start_dest(tree, plan, was_resuming)
+            progress = Progress(out, out.total_files, out.total_bytes) if opts.progress else None
+            with progress or contextlib.nullcontext():
+                for plan in plans:
+                    Pipeline(plan, opts, target, out, tree, early_plan, known).run()
+            _finish(tree, plans, opts, target, out)
+        finally:
+            tree.close()
     finally:
         target.close()
     out.seconds = time.monotonic() - started
     return out
+
+
+def _finish(
+    tree: DestTree, plans: list[SourcePlan], opts: RestoreOptions, target: Target, out: Outcome
+) -> None:
+    """Complete: no marker left (a failed flush puts them back), then the flush."""
+    if not out.failed:
+        for plan in plans:
+            with tree.dir(plan.base) as dir_fd:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(MARKER, dir_fd=dir_fd)
+                root = next((e for e in plan.dirs if e.rel == ""), None)
+                if root is not None and not (
+                    opts.existing == "skip" and plan.base in tree.existed
+                ):  # the unlink touched its mtime
+                    os.utime(dir_fd, ns=(root.st.st_atime_ns, root.st.st_mtime_ns))
+    if opts.flush:
+        target.fsync = tree.fsync  # the paths recorded are relative to DEST
+        out.flush.append(flush_target(target))
+        if out.flush[-1].error is not None:
+            for plan in plans:
+                with contextlib.suppress(DestError):  # reported already
+                    _write_marker(tree, plan)

@@ -2,6 +2,10 @@
 
 A source inside an attachment (`backupfs attach`) has the same relative path on every
 loop clone of its partition; readers are spread over those roots.
+
+A directory that cannot be listed, or an entry whose inode cannot be read (EIO from a bad
+block, EACCES), does not stop the walk: it is listed in the plan's `failed` and the rest
+is walked (the directory itself is still restored, with what could be listed in it).
 """
 
 import os
@@ -50,11 +54,13 @@ class Entry:
 class SourcePlan:
     roots: list[str]  # the source on clone 0, 1, ... (one root when not attached)
     dest: str
+    base: str = ""  # where `dest` is, relative to the restore's DEST ("" for DEST itself)
     dirs: list[Entry] = field(default_factory=list)
     files: list[Entry] = field(default_factory=list)
     links: list[tuple[Entry, str]] = field(default_factory=list)  # (hardlink, rel of first)
     others: list[Entry] = field(default_factory=list)  # symlinks, fifos, device nodes
-    missing: list[tuple[str, str]] = field(default_factory=list)  # listed, absent: (rel, why)
+    # (rel, why): listed but absent (--files-from), or unreadable during the walk
+    failed: list[tuple[str, str]] = field(default_factory=list)
 
     @property
     def total_bytes(self) -> int:
@@ -80,7 +86,11 @@ def walk(source: str, dest: str, count: ScanCount | None = None) -> SourcePlan:
     else:
         name = os.path.basename(roots[0])
         plan, start = SourcePlan([os.path.dirname(r) for r in roots], dest), Entry(name, top)
-    return _descend(plan, [start], count)
+    _descend(plan, [start], count)
+    unlisted = dict(plan.failed).get("") if start.is_dir else None
+    if unlisted is not None and len(plan.dirs) == 1 and not plan.files + plan.others:
+        raise UserError(f"{source}: {unlisted}")  # SRC itself cannot be read: nothing to do
+    return plan
 
 
 def _lstat(plan: SourcePlan, rel: str, shown: str) -> os.stat_result:
@@ -106,7 +116,7 @@ def walk_listed(
         try:  # a listed path that is not there is reported, the others restored (rsync)
             st = os.lstat(os.path.join(plan.roots[0], rel))
         except OSError as exc:
-            plan.missing.append((rel, exc.strerror or str(exc)))
+            plan.failed.append((rel, exc.strerror or str(exc)))
             continue
         parent = os.path.dirname(rel)
         while parent and parent not in implied:
@@ -117,21 +127,42 @@ def walk_listed(
     return _descend(plan, starts, count)
 
 
-def _scan(root: str, rel: str) -> list[Entry]:
-    """A directory's entries with their lstat, sorted by name."""
-    with os.scandir(os.path.join(root, rel)) as it:
-        children = sorted(it, key=lambda d: d.name)
-    return [Entry(os.path.join(rel, c.name), c.stat(follow_symlinks=False)) for c in children]
+Failures = list[tuple[str, str]]
+
+
+def _scan(root: str, rel: str) -> tuple[list[Entry] | None, Failures]:
+    """A directory's entries with their lstat, sorted by name (None when it cannot be
+    listed at all), and those that failed: (rel, why)."""
+    children: list[os.DirEntry[str]] = []
+    failed: Failures = []
+    try:
+        with os.scandir(os.path.join(root, rel)) as it:
+            for child in it:
+                children.append(child)
+    except OSError as exc:  # a bad directory block may fail the listing half way
+        failed.append((rel, exc.strerror or str(exc)))
+        if not children:
+            return None, failed
+    entries = []
+    for child in sorted(children, key=lambda d: d.name):
+        child_rel = os.path.join(rel, child.name)
+        try:
+            entries.append(Entry(child_rel, child.stat(follow_symlinks=False)))
+        except OSError as exc:  # its inode cannot be read
+            failed.append((child_rel, exc.strerror or str(exc)))
+    return entries, failed
 
 
 def _scan_all(
     roots: list[str], starts: list[Entry], count: ScanCount | None = None
-) -> dict[str, list[Entry]]:
+) -> tuple[dict[str, list[Entry]], Failures]:
     """Every directory under `starts`, scanned by parallel threads spread over the clones:
-    each lstat may wait for a fetch, and many waits in flight hide the round trips."""
+    each lstat may wait for a fetch, and many waits in flight hide the round trips. What
+    cannot be read is returned beside, sorted by path."""
     found: dict[str, list[Entry]] = {}
+    failed: Failures = []
     with ThreadPoolExecutor(SCAN_THREADS) as pool:
-        todo: dict[Future[list[Entry]], str] = {}
+        todo: dict[Future[tuple[list[Entry] | None, Failures]], str] = {}
         turn = 0
 
         def submit(rel: str) -> None:
@@ -146,31 +177,36 @@ def _scan_all(
             done, _ = wait(todo, return_when=FIRST_COMPLETED)
             for future in done:
                 rel = todo.pop(future)
-                try:
-                    found[rel] = future.result()
-                except OSError as exc:
-                    raise UserError(f"{exc.filename}: {exc.strerror}") from None
-                for child in found[rel]:
+                entries, errors = future.result()
+                failed.extend(errors)
+                if entries is None:
+                    continue
+                found[rel] = entries
+                for child in entries:
                     if child.is_dir:
                         submit(child.rel)
                 if count is not None:
                     count.dirs += 1
-                    count.files += sum(not c.is_dir for c in found[rel])
-    return found
+                    count.files += sum(not c.is_dir for c in entries)
+    return found, sorted(failed)
 
 
 def scan_paths(source: str, files: bool) -> list[str]:
     """`source` and every directory (and with `files`, regular file) below it, as paths on
     clone 0; scanned as the restore walk is, so the scan itself warms the metadata."""
     roots = clone_roots(source)
-    scanned = _scan_all(roots, [Entry("", os.lstat(roots[0]))])
+    scanned, failed = _scan_all(roots, [Entry("", os.lstat(roots[0]))])
+    if failed:
+        rel, why = failed[0]
+        raise UserError(f"{os.path.join(roots[0], rel)}: {why}")
     wanted = [e.rel for children in scanned.values() for e in children
               if e.is_dir or (files and e.is_file)]  # fmt: skip
     return [roots[0]] + [os.path.join(roots[0], rel) for rel in wanted]
 
 
 def _descend(plan: SourcePlan, starts: list[Entry], count: ScanCount | None) -> SourcePlan:
-    scanned = _scan_all(plan.roots, starts, count)
+    scanned, failed = _scan_all(plan.roots, starts, count)
+    plan.failed.extend(failed)
     # Clones are one filesystem on several devices: hard links are found by clone 0's device.
     devices = {os.stat(root).st_dev: os.stat(plan.roots[0]).st_dev for root in plan.roots}
     first_of: dict[tuple[int, int], str] = {}
@@ -183,7 +219,7 @@ def _descend(plan: SourcePlan, starts: list[Entry], count: ScanCount | None) -> 
         seen.add(entry.rel)
         if entry.is_dir:
             plan.dirs.append(entry)
-            stack.extend(scanned[entry.rel])
+            stack.extend(scanned.get(entry.rel, ()))  # nothing when it could not be listed
         elif entry.is_file and entry.st.st_nlink > 1:
             key = (devices.get(entry.st.st_dev, entry.st.st_dev), entry.st.st_ino)
             if key in first_of:

@@ -1,7 +1,10 @@
 """The store's metadata (format version 1): parsing, validation and paths. No I/O.
 
 See docs/store-format.md. Everything read from a store is untrusted: names are
-checked so that they can never address anything outside their own directory.
+checked so that they can never address anything outside their own directory, and every
+value is checked against what its later users take (a size is an off_t, a time fits
+time_t and `time.gmtime`, a name is UTF-8), so that a hostile catalogue is refused here,
+with one line, and never breaks the daemon or `backupfs ls` later.
 """
 
 import json
@@ -19,6 +22,9 @@ SNAPSHOT_META_NAME = "snapshot.json"
 DIGEST_SIZE = 32
 MIN_BLOCK_SIZE = 4 << 10
 MAX_BLOCK_SIZE = 64 << 20
+# A catalogue entry takes about 250 bytes a disk: this is some 250,000 disks.
+MAX_CATALOGUE_BYTES = 64 << 20
+_INT64_MAX = (1 << 63) - 1  # sizes are an off_t (st_size), times st_mtime_ns
 _MIN_TIME_NS = -(1 << 63)  # times before 1970 are negative, like st_mtime_ns
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 
@@ -46,10 +52,15 @@ class Catalogue:
 
 
 def check_name(name: object, what: str) -> str:
-    """A single path component that is safe to use as a file name and in a URL."""
+    """A single path component that is safe to use as a file name and in a URL. Control
+    characters are allowed (file names may hold them): printing escapes them."""
     if not isinstance(name, str) or not name:
         raise ManifestError(f"malformed store metadata: {what} name must be a non-empty string")
-    if name in (".", "..") or "/" in name or "\0" in name or len(name.encode()) > 255:
+    try:
+        encoded = name.encode()
+    except UnicodeEncodeError:  # a lone surrogate: "\ud800" is valid JSON
+        raise ManifestError(f"unsafe {what} name in store metadata: {name!r} (not UTF-8)") from None
+    if name in (".", "..") or "/" in name or "\0" in name or len(encoded) > 255:
         raise ManifestError(f"unsafe {what} name in store metadata: {name!r}")
     if name.startswith("."):
         raise ManifestError(f"unsafe {what} name in store metadata: {name!r} (hidden name)")
@@ -68,10 +79,12 @@ def image_path(host: str, snapshot: str, disk: str) -> str:
     return f"{host}/{snapshot}/{disk}"
 
 
-def _int(value: object, what: str, lo: int = 0) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < lo:
-        bound = f" >= {lo}" if lo > _MIN_TIME_NS else ""
+def _int(value: object, what: str, lo: int = 0, hi: int = _INT64_MAX) -> int:
+    bound = f" >= {lo}" if lo > _MIN_TIME_NS else ""
+    if not isinstance(value, int) or isinstance(value, bool) or (bound and value < lo):
         raise ManifestError(f"malformed store metadata: {what} must be an integer{bound}")
+    if not lo <= value <= hi:
+        raise ManifestError(f"malformed store metadata: {what} is out of range ({lo} to {hi})")
     return value
 
 
@@ -79,7 +92,7 @@ def parse_disk(raw: object) -> DiskEntry:
     if not isinstance(raw, dict):
         raise ManifestError("malformed store metadata: a disk entry is not an object")
     name = check_name(raw.get("name"), "disk")
-    block_size = _int(raw.get("block_size"), f"block_size of {name}", MIN_BLOCK_SIZE)
+    block_size = _int(raw.get("block_size"), f"block_size of {name}", MIN_BLOCK_SIZE, 1 << 62)
     if block_size > MAX_BLOCK_SIZE or block_size & (block_size - 1):
         raise ManifestError(f"malformed store metadata: block_size of {name} is not a power of two")
     digest = raw.get("digests_sha256")
@@ -123,11 +136,24 @@ def _no_duplicates(names: list[str], what: str) -> None:
         raise ManifestError(f"malformed store metadata: duplicate {what} name")
 
 
+def _no_constant(name: str) -> object:
+    raise ValueError(f"{name} is not JSON")
+
+
 def _load_json(data: bytes) -> object:
+    if len(data) > MAX_CATALOGUE_BYTES:
+        raise ManifestError(
+            f"malformed store metadata: larger than {MAX_CATALOGUE_BYTES >> 20} MiB"
+        )
     try:
-        return json.loads(data)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ManifestError(f"malformed store metadata: not valid JSON ({exc})") from None
+        return json.loads(data, parse_constant=_no_constant)
+    except RecursionError:
+        raise ManifestError(
+            "malformed store metadata: not valid JSON (nested too deeply)"
+        ) from None
+    except ValueError as exc:  # UnicodeDecodeError too, and integers over 4300 digits
+        reason = str(exc).splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ManifestError(f"malformed store metadata: not valid JSON ({reason})") from None
 
 
 def parse_catalogue(data: bytes) -> Catalogue:

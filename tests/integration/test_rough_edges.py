@@ -138,7 +138,7 @@ def test_https_to_an_http_port_says_so(store: Store) -> None:
 
 
 def test_an_unknown_host_says_so() -> None:
-    url = "http://no-such-host.invalid/store/"
+    url = "https://no-such-host.invalid/store/"
     message = _one_line(run_cli("ls", "-o", "retries=0", url), EXIT_STORE)
     assert message in (
         f"cannot read {url}backupfs-store.json: unknown host no-such-host.invalid (check the URL)",

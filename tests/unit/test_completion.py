@@ -159,7 +159,7 @@ def test_option_with_value_gets_no_space() -> None:
 
 
 def test_flag_option_gets_a_space() -> None:
-    got = complete("backupfs mount -o allow")
+    got = complete("backupfs mount -o allow_o")
     assert got == Completion(["allow_other"], [])
 
 

@@ -185,8 +185,9 @@ def test_root_writable_by_others_is_refused(tmp_path: Path) -> None:
     root.chmod(0o777)
     with pytest.raises(UserError, match="writable by other users and not owned by you$"):
         DiskCache(root, 1 << 20)
-    root.chmod(0o755)  # someone else's, but only they can write: not our problem to refuse
-    DiskCache(root, 1 << 20)
+    root.chmod(0o755)  # someone else's: its owner could plant entries, so root refuses it too
+    with pytest.raises(UserError, match="is owned by uid 65534: root uses only its own$"):
+        DiskCache(root, 1 << 20)
 
 
 @needs_root
