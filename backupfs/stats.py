@@ -15,6 +15,7 @@ class Stats:
     verify_failures: int = 0
     read_errors: int = 0
     disk_cache_hits: int = 0  # blocks read from cache_dir instead of fetched
+    disk_cache_writes_dropped: int = 0  # fresh runs not written: the write backlog was full
     plan_bytes: int = 0  # bytes asked for by read plans and `backupfs warm`
     fetch_seconds: list[float] = field(default_factory=list, repr=False)
 

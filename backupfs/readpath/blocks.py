@@ -20,10 +20,16 @@ from backupfs.readpath.cache import BlockCache, BlockKey
 from backupfs.readpath.plans import PlanBook, PlanCursor
 from backupfs.readpath.readahead import StreamTracker
 from backupfs.readpath.source import RangeSource
+from backupfs.readpath.throughput import Throughput
 from backupfs.stats import Stats
 from backupfs.store.image import Image
 
 log = logging.getLogger(__name__)
+# A sequential stream reads ahead at most what the source delivered in this many seconds
+# lately (and never more than readahead=): a slow link is not asked for bytes a reader
+# will need only a minute from now, or never if it stops.
+READAHEAD_AHEAD_S = 1.0
+FAILED_MAX_BLOCKS = 1 << 16  # failed block keys remembered at most
 
 
 @dataclass(frozen=True)
@@ -32,10 +38,15 @@ class ReaderConfig:
 
     request_size: int = 4 << 20  # largest single fetch, in bytes (mount option request_size=)
     hinted_blocks: int = 1 << 16  # warmed/planned block keys remembered (not a mount option)
+    read_deadline_s: float = 176.0  # a read returns data or EIO within this (from_options)
+    failed_ttl_s: float = 5.0  # a block whose own fetch failed for good fails at once this long
 
     @classmethod
     def from_options(cls, opts: MountOptions) -> "ReaderConfig":
-        return cls(request_size=opts.request_size)
+        # Every attempt may wait `timeout` for a byte, retries back off at most 4 s each: a
+        # read that waited this long will not get its data from this fetch chain.
+        deadline = (opts.retries + 1) * opts.timeout + 4.0 * opts.retries + 10.0
+        return cls(request_size=opts.request_size, read_deadline_s=deadline)
 
 
 class _Pending:
@@ -63,6 +74,9 @@ class BlockReader:
         self.stats = stats
         self._pending: dict[BlockKey, _Pending] = {}
         self.plans = PlanBook(config.hinted_blocks)
+        self.throughput = Throughput()  # what the source delivers: sizes readahead windows
+        # Blocks whose fetch failed for good lately: block key -> (until when, the error).
+        self._failed: dict[BlockKey, tuple[float, Exception]] = {}
 
     @property
     def request_size(self) -> int:
@@ -75,12 +89,15 @@ class BlockReader:
         if not needed:
             return b""
         cached = [self.cache.get((image.image_id, n)) for n in needed]
-        self._start_fetches(image, [n for n, b in zip(needed, cached, strict=True) if b is None])
+        missing = [n for n, b in zip(needed, cached, strict=True) if b is None]
+        self._start_fetches(image, missing, urgent=True)
         self._read_ahead(image, offset, size, needed, tracker)  # queued after the demand
-        blocks = await self._collect(image, needed, cached)
-        data = slice_blocks(blocks, needed[0], image.block_size, offset, size)
-        self._served(image, offset, offset + len(data))
-        return data
+        with trio.move_on_after(self.config.read_deadline_s):
+            blocks = await self._collect(image, needed, cached)
+            data = slice_blocks(blocks, needed[0], image.block_size, offset, size)
+            self._served(image, offset, offset + len(data))
+            return data
+        raise FetchError(f"no data within {self.config.read_deadline_s:g}s", transient=True)
 
     def prefetch(self, image: Image, start: int, end: int) -> None:
         """Fetch `[start, end)` into the cache for `backupfs warm`."""
@@ -112,7 +129,9 @@ class BlockReader:
         planned or warmed blocks say nothing about what comes next: they feed nothing."""
         if self.plans.active and self.plans.covers(image, needed):
             return
-        ahead = tracker.on_read(offset, size)
+        rate = self.throughput.rate(trio.current_time())
+        limit = None if rate is None else int(rate * READAHEAD_AHEAD_S)
+        ahead = tracker.on_read(offset, size, limit)
         if ahead is not None:
             start, end = ahead
             bs = image.block_size
@@ -136,19 +155,45 @@ class BlockReader:
             for key in self.plans.consume(image, start, end):
                 self.cache.discard(key)
 
-    def _start_fetches(self, image: Image, block_nos: range | list[int]) -> None:
-        """Make every block of `block_nos` that is neither cached nor pending pending, and
-        start a fetch task per run of at most `request_size`. Never awaits."""
+    def _start_fetches(
+        self, image: Image, block_nos: range | list[int], urgent: bool = False
+    ) -> None:
+        """Make every block of `block_nos` that is neither cached, pending nor recently
+        failed pending, and start a fetch task per run of at most `request_size`; `urgent`
+        when a reader waits for them. Never awaits."""
+        now = trio.current_time()
         todo = [
             n
             for n in block_nos
-            if (image.image_id, n) not in self._pending and (image.image_id, n) not in self.cache
+            if (key := (image.image_id, n)) not in self._pending
+            and key not in self.cache
+            and self._failed_recently(key, now) is None
         ]
         max_blocks = max(1, self.config.request_size // image.block_size)
         for first, end in contiguous_runs(todo, max_blocks):
             for n in range(first, end):
                 self._pending[(image.image_id, n)] = _Pending()
-            self.nursery.start_soon(self._fetch_run, image, first, end)
+            self.nursery.start_soon(self._fetch_run, image, first, end, urgent)
+
+    def _failed_recently(self, key: BlockKey, now: float) -> Exception | None:
+        """The error of the block's last fetch if it failed for good less than
+        `failed_ttl_s` ago: the kernel retries a failed readahead page by page, and each
+        page would otherwise start a whole new chain of attempts."""
+        failed = self._failed.get(key)
+        if failed is None:
+            return None
+        if failed[0] <= now:
+            del self._failed[key]
+            return None
+        return failed[1]
+
+    def _remember_failure(self, keys: list[BlockKey], error: Exception) -> None:
+        expires = trio.current_time() + self.config.failed_ttl_s
+        for key in keys:
+            self._failed.pop(key, None)
+            self._failed[key] = (expires, error)
+        while len(self._failed) > FAILED_MAX_BLOCKS:  # oldest first: insertion order
+            del self._failed[next(iter(self._failed))]
 
     async def _wait(self, image: Image, block_no: int) -> bytes:
         key = (image.image_id, block_no)
@@ -157,7 +202,10 @@ class BlockReader:
             block = self.cache.peek(key)
             if block is not None:
                 return block
-            self._start_fetches(image, [block_no])
+            failed = self._failed_recently(key, trio.current_time())
+            if failed is not None:
+                raise failed
+            self._start_fetches(image, [block_no], urgent=True)
             pending = self._pending[key]
         await pending.done.wait()
         if pending.error is not None:
@@ -165,7 +213,7 @@ class BlockReader:
         assert pending.block is not None
         return pending.block
 
-    async def _fetch_run(self, image: Image, first: int, end: int) -> None:
+    async def _fetch_run(self, image: Image, first: int, end: int, urgent: bool = False) -> None:
         """The fetch task of blocks `[first, end)`: cache them and wake their waiters, or
         hand every waiter the same exception. Runs in the daemon's nursery."""
         keys = [(image.image_id, n) for n in range(first, end)]
@@ -173,7 +221,9 @@ class BlockReader:
         try:
             start = block_span(first, image.block_size, image.size_bytes)[0]
             stop = block_span(end - 1, image.block_size, image.size_bytes)[1]
-            blocks = await self.source.fetch_range(image, start, stop, image.block_size)
+            began = trio.current_time()
+            blocks = await self.source.fetch_range(image, start, stop, image.block_size, urgent)
+            self.throughput.record(began, trio.current_time(), stop - start)
             for key, block in zip(keys, blocks, strict=True):
                 self.cache.put(key, block)
                 pending = self._pending.pop(key)
@@ -183,6 +233,11 @@ class BlockReader:
             log.warning("read of %s blocks [%d,%d) failed: %s", image.url, first, end, exc)
             self.stats.read_errors += 1
             error = exc
+            if len(keys) == 1:
+                # A run of several blocks may fail for one bad block among good ones: its
+                # readers retry page by page, each page fetching its own block, and only a
+                # block that fails on its own is given up on for a while.
+                self._remember_failure(keys, exc)
         finally:
             for key in keys:
                 left = self._pending.pop(key, None)

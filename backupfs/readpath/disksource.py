@@ -16,6 +16,7 @@ Worker threads touch only the DiskCache (thread-safe, blocking), the image's dig
 image itself.
 """
 
+import logging
 from typing import cast
 
 import trio
@@ -26,7 +27,9 @@ from backupfs.readpath.source import RangeSource
 from backupfs.stats import Stats
 from backupfs.store.image import Image
 
+log = logging.getLogger(__name__)
 Fresh = list[tuple[int, list[bytes]]]  # (first block_no, blocks) of each run fetched
+WRITE_BACKLOG_BYTES = 64 << 20  # fresh blocks waiting for the disk, at most
 
 
 class DiskCachedSource:
@@ -37,8 +40,14 @@ class DiskCachedSource:
         self.disk = disk
         self.nursery = nursery  # owns the disk writes; outlives every fetch
         self.stats = stats
+        # Worker threads of their own: disk writes never wait behind block verification.
+        self._reader = trio.CapacityLimiter(4)
+        self._writer = trio.CapacityLimiter(1)
+        self.backlog_bytes = 0  # fresh blocks waiting to be written
 
-    async def fetch_range(self, image: Image, start: int, end: int, block_size: int) -> list[bytes]:
+    async def fetch_range(
+        self, image: Image, start: int, end: int, block_size: int, urgent: bool = False
+    ) -> list[bytes]:
         """Bytes `[start, end)` cut into `block_size` blocks: from disk where it holds
         them, else from the inner source; raises FetchError like the inner source."""
         parts = _digest_parts(image, block_size)
@@ -46,24 +55,23 @@ class DiskCachedSource:
             end % block_size == 0 or end == image.size_bytes
         )
         if not parts or not whole_blocks or end <= start:
-            return await self.inner.fetch_range(image, start, end, block_size)
+            return await self.inner.fetch_range(image, start, end, block_size, urgent)
         digests = image.digests
         assert digests is not None  # else parts == 0
         first, stop = start // block_size, -(-end // block_size)
-        found = await trio.to_thread.run_sync(self._read, digests, first, stop, parts)
+        found = await trio.to_thread.run_sync(
+            self._read, digests, first, stop, parts, limiter=self._reader
+        )
         self.stats.disk_cache_hits += sum(b is not None for b in found)
         fresh: Fresh = []
         missing = [n for n, b in zip(range(first, stop), found, strict=True) if b is None]
         for run_first, run_end in contiguous_runs(missing, stop - first):
             run_start, run_stop = run_first * block_size, min(run_end * block_size, end)
-            blocks = await self.inner.fetch_range(image, run_start, run_stop, block_size)
+            blocks = await self.inner.fetch_range(image, run_start, run_stop, block_size, urgent)
             found[run_first - first : run_end - first] = blocks
             fresh.append((run_first, blocks))
         if fresh:
-            dbs = image.digest_block_size
-            self.nursery.start_soon(
-                trio.to_thread.run_sync, self._write, digests, fresh, parts, dbs
-            )
+            self._write_behind(digests, fresh, parts, image.digest_block_size)
         return cast(list[bytes], found)  # every None was replaced by a fetched block
 
     def _read(self, digests: list[bytes], first: int, stop: int, parts: int) -> list[bytes | None]:
@@ -79,6 +87,28 @@ class DiskCachedSource:
                 pieces.append(piece)
             out.append(b"".join(pieces) if len(pieces) == len(wanted) else None)
         return out
+
+    def _write_behind(self, digests: list[bytes], fresh: Fresh, parts: int, dbs: int) -> None:
+        """Queue the fresh blocks for writing; dropped (and counted) when the backlog is
+        full: the disk cache may cost speed, never memory or the mount."""
+        size = sum(len(b) for _, blocks in fresh for b in blocks)
+        if self.backlog_bytes + size > WRITE_BACKLOG_BYTES:
+            self.stats.disk_cache_writes_dropped += 1
+            return
+        self.backlog_bytes += size
+        self.nursery.start_soon(self._write_task, digests, fresh, parts, dbs, size)
+
+    async def _write_task(
+        self, digests: list[bytes], fresh: Fresh, parts: int, dbs: int, size: int
+    ) -> None:
+        try:
+            await trio.to_thread.run_sync(
+                self._write, digests, fresh, parts, dbs, limiter=self._writer
+            )
+        except Exception:  # never into the daemon's nursery
+            log.warning("disk cache write failed", exc_info=True)
+        finally:
+            self.backlog_bytes -= size
 
     def _write(self, digests: list[bytes], fresh: Fresh, parts: int, dbs: int) -> None:
         """Worker thread: store each digest block of the fresh blocks under its digest."""

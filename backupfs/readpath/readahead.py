@@ -41,8 +41,16 @@ class StreamTracker:
     streams: list[Stream] = field(default_factory=list)
     _clock: int = 0
 
-    def on_read(self, offset: int, size: int) -> tuple[int, int] | None:
-        """Record a read; return `[start, end)` to prefetch, or None."""
+    def on_read(
+        self, offset: int, size: int, limit_bytes: int | None = None
+    ) -> tuple[int, int] | None:
+        """Record a read; return `[start, end)` to prefetch, or None. `limit_bytes` caps the
+        window below `max_bytes` (what the link delivers in a second: see blocks.py)."""
+        largest = (
+            self.config.max_bytes
+            if limit_bytes is None
+            else min(self.config.max_bytes, max(limit_bytes, self.config.initial_bytes))
+        )
         self._clock += 1
         end = offset + size
         stream = self._match(offset)
@@ -61,12 +69,12 @@ class StreamTracker:
             return None
         head = stream.next_offset
         if stream.window == 0:
-            stream.window = min(self.config.initial_bytes, self.config.max_bytes)
-        elif stream.prefetched_to - head >= stream.window // 2:
+            stream.window = min(self.config.initial_bytes, largest)
+        elif stream.prefetched_to - head >= min(stream.window, largest) // 2:
             return None  # enough in flight; top up in large steps, not per read
         else:
             # The stream consumed half its window: it is worth a larger one.
-            stream.window = min(stream.window * 2, self.config.max_bytes)
+            stream.window = min(stream.window * 2, largest)
         start = max(stream.prefetched_to, head)
         stream.prefetched_to = head + stream.window
         return start, stream.prefetched_to

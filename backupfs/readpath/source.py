@@ -10,7 +10,10 @@ from backupfs.store.image import Image
 
 
 class RangeSource(Protocol):
-    async def fetch_range(self, image: Image, start: int, end: int, block_size: int) -> list[bytes]:
+    async def fetch_range(
+        self, image: Image, start: int, end: int, block_size: int, urgent: bool = False
+    ) -> list[bytes]:
         """Bytes `[start, end)` of `image`, verified, cut into `block_size` blocks (the last
-        may be short); raises FetchError."""
+        may be short); raises FetchError. `urgent`: a reader waits for it (not readahead,
+        a plan or warm), so it is sent before prefetches that wait for a connection."""
         ...

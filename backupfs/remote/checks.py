@@ -84,6 +84,10 @@ class BlockAssembler:
             if self._have == self.block_size:
                 self._flush()
 
+    def whole_blocks(self) -> list[bytes]:
+        """The blocks received whole so far (a reply broken off mid-block loses its tail)."""
+        return self.blocks
+
     def finish(self) -> list[bytes]:
         if self._parts:
             self._flush()

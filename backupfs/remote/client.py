@@ -1,7 +1,8 @@
 """HTTP access to a store: metadata GETs and verified ranged GETs, with retries.
 
-One `httpx.AsyncClient` per daemon; a `trio.CapacityLimiter` in front of it so that
-waiting for a connection happens here, in FIFO order, and never inside httpx.
+One `httpx.AsyncClient` per daemon; a limiter in front of it so that waiting for a
+connection happens here and never inside httpx: FIFO, with demand reads before prefetches
+(limiter.py).
 """
 
 import logging
@@ -21,12 +22,13 @@ from backupfs.errors import FetchError, StoreError, UsageError
 from backupfs.options import MountOptions
 from backupfs.remote import checks
 from backupfs.remote.credentials import Credentials
+from backupfs.remote.limiter import PriorityLimiter
 from backupfs.stats import Stats
 from backupfs.store.image import Image
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-MAX_METADATA_BYTES = 1 << 30
+MAX_METADATA_BYTES = 1 << 30  # the largest metadata file (a digest file: 2 TiB at 64 KiB)
 _BACKOFF_FIRST_S = 0.2
 _BACKOFF_MAX_S = 4.0
 
@@ -193,7 +195,7 @@ class StoreClient:
         self.base_url = base_url
         self.config = config
         self.stats = stats
-        self.limiter = trio.CapacityLimiter(config.connections)
+        self.limiter = PriorityLimiter(config.connections)  # demand reads first
 
     def url(self, path: str) -> str:
         return self.base_url + quote(path)
@@ -206,27 +208,44 @@ class StoreClient:
             except FetchError as exc:
                 if not exc.transient or n == self.config.retries:
                     raise
-                delay = min(_BACKOFF_FIRST_S * 2**n, _BACKOFF_MAX_S) * random.uniform(0.5, 1)
-                log.info("%s: %s; retrying in %.2fs", what, exc, delay)
-                self.stats.retries += 1
-                await trio.sleep(delay)
+                await self.back_off(n, what, exc)
         raise AssertionError("unreachable")
 
+    async def back_off(self, n: int, what: str, exc: Exception) -> None:
+        """Wait before attempt `n + 1` (exponential, jittered), and count the retry."""
+        delay = min(_BACKOFF_FIRST_S * 2**n, _BACKOFF_MAX_S) * random.uniform(0.5, 1)
+        log.info("%s: %s; retrying in %.2fs", what, exc, delay)
+        self.stats.retries += 1
+        await trio.sleep(delay)
+
     async def _get(
-        self, url: str, headers: dict[str, str], limit: int, sink: Callable[[bytes], None]
+        self,
+        url: str,
+        headers: dict[str, str],
+        limit: int,
+        sink: Callable[[bytes], None],
+        on_headers: Callable[[httpx.Headers], None] | None = None,
+        urgent: bool = True,
     ) -> httpx.Headers:
-        """One GET under the connection limit, whole within `timeout`; body (at most `limit`
-        bytes) handed to `sink` chunk by chunk."""
-        async with self.limiter:
+        """One GET under the connection limit. It fails when nothing arrives for `timeout`
+        seconds (connecting, waiting for the reply, or between two chunks of the body): a
+        slow link that keeps delivering is never cut off, a stalled one is. `on_headers`
+        checks the reply before its body is read; the body (at most `limit` bytes) goes to
+        `sink` chunk by chunk. `urgent`: someone waits for it (not prefetching), so it goes
+        before background requests waiting for a connection."""
+        timeout_s = self.config.timeout_s
+        async with self.limiter.slot(urgent):
             self.stats.requests += 1
             self.stats.requests_in_flight += 1
             start = trio.current_time()
             try:
-                with trio.fail_after(self.config.timeout_s):
-                    return await self._get_body(url, headers, limit, sink)
-            except trio.TooSlowError:
-                message = f"timed out after {self.config.timeout_s:g}s"
-                raise FetchError(message, transient=True) from None
+                with trio.CancelScope(deadline=start + timeout_s) as idle:
+
+                    def progressed() -> None:
+                        idle.deadline = trio.current_time() + timeout_s
+
+                    return await self._get_body(url, headers, limit, sink, on_headers, progressed)
+                raise FetchError(f"no data for {timeout_s:g}s", transient=True)
             except httpx.HTTPError as exc:
                 raise _http_error(exc, url) from None
             finally:
@@ -234,9 +253,16 @@ class StoreClient:
                 self.stats.record_fetch(trio.current_time() - start)
 
     async def _get_body(
-        self, url: str, headers: dict[str, str], limit: int, sink: Callable[[bytes], None]
+        self,
+        url: str,
+        headers: dict[str, str],
+        limit: int,
+        sink: Callable[[bytes], None],
+        on_headers: Callable[[httpx.Headers], None] | None,
+        progressed: Callable[[], None],
     ) -> httpx.Headers:
         async with self.client.stream("GET", url, headers=headers) as resp:
+            progressed()
             if headers.get("Range"):
                 checks.check_status(resp.status_code, redact(url))
             elif resp.status_code != 200:
@@ -244,8 +270,11 @@ class StoreClient:
                 hint = _status_hint(status, resp.headers.get("WWW-Authenticate", ""), url)
                 transient = status >= 500 or status == 429
                 raise FetchError(f"HTTP {status}{hint}", transient=transient, status=status)
+            if on_headers is not None:
+                on_headers(resp.headers)
             received = 0
             async for chunk in resp.aiter_raw():
+                progressed()
                 received += len(chunk)
                 if received > limit:
                     raise FetchError("reply longer than asked for", transient=True)
@@ -256,13 +285,25 @@ class StoreClient:
         """A whole metadata file; failures become one-line StoreErrors."""
         return (await self.get_metadata_typed(path))[0]
 
-    async def get_metadata_typed(self, path: str) -> tuple[bytes, str]:
-        """A whole metadata file and the Content-Type the server gave it."""
+    async def get_metadata_typed(
+        self, path: str, limit: int = MAX_METADATA_BYTES
+    ) -> tuple[bytes, str]:
+        """A whole metadata file of at most `limit` bytes (a larger one is refused, not
+        retried) and the Content-Type the server gave it."""
         url = self.url(path)
 
         async def attempt() -> tuple[bytes, str]:
             chunks: list[bytes] = []
-            headers = await self._get(url, {}, MAX_METADATA_BYTES, chunks.append)
+            size = 0
+
+            def sink(chunk: bytes) -> None:
+                nonlocal size
+                size += len(chunk)
+                if size > limit:
+                    raise FetchError(f"larger than {limit} bytes", transient=False)
+                chunks.append(chunk)
+
+            headers = await self._get(url, {}, max(limit, MAX_METADATA_BYTES), sink)
             return b"".join(chunks), headers.get("Content-Type", "")
 
         try:
@@ -288,29 +329,67 @@ class StoreClient:
                 ) from None
             raise StoreError(f"cannot read {redact(image.url)}: {exc}") from None
 
-    async def fetch_range(self, image: Image, start: int, end: int, block_size: int) -> list[bytes]:
-        """Bytes `[start, end)` of an image, verified, cut into cache blocks."""
-        headers = {"Range": f"bytes={start}-{end - 1}"}
+    async def fetch_range(
+        self, image: Image, start: int, end: int, block_size: int, urgent: bool = False
+    ) -> list[bytes]:
+        """Bytes `[start, end)` of an image, verified, cut into cache blocks.
 
-        async def attempt() -> list[bytes]:
+        An attempt that stalls or breaks off mid-body keeps the whole blocks it received
+        (verified like any others: verified blocks are blocks) and the next attempt asks
+        only for the rest. Only attempts that bring no block count against `retries=`."""
+        what = f"{redact(image.url)} [{start},{end})"
+        blocks: list[bytes] = []
+        pos, failures = start, 0
+        while True:
             body = checks.BlockAssembler(block_size)
-            reply_headers = await self._get(image.url, headers, end - start, body.feed)
+            try:
+                await self._get_range(image, pos, end, body, urgent)
+                if body.size_bytes != end - pos:
+                    raise FetchError(
+                        f"short body: {body.size_bytes} of {end - pos}", transient=True
+                    )
+                return blocks + await self._verified(image, pos, body.finish())
+            except FetchError as exc:
+                kept = body.whole_blocks() if exc.transient else []
+                if kept:
+                    try:
+                        kept = await self._verified(image, pos, kept)
+                    except FetchError:
+                        kept = []
+                if kept:
+                    log.info("%s: %s; kept %d blocks, asking for the rest", what, exc, len(kept))
+                    blocks += kept
+                    pos += sum(len(b) for b in kept)
+                    continue
+                if not exc.transient or failures == self.config.retries:
+                    raise
+                await self.back_off(failures, what, exc)
+                failures += 1
+
+    async def _get_range(
+        self, image: Image, start: int, end: int, body: checks.BlockAssembler, urgent: bool
+    ) -> None:
+        """One ranged GET of `[start, end)` into `body`; the reply's Content-Range and
+        validator are checked before any of its bytes are taken."""
+
+        def check(headers: httpx.Headers) -> None:
             validator = checks.check_range_headers(
-                reply_headers, start, end, image.size_bytes, image.validator
+                headers, start, end, image.size_bytes, image.validator
             )
-            if body.size_bytes != end - start:
-                raise FetchError(f"short body: {body.size_bytes} of {end - start}", transient=True)
             if image.validator is None:
                 image.validator = validator
-            self.stats.bytes_fetched += end - start
-            blocks = body.finish()
-            try:
-                await trio.to_thread.run_sync(
-                    checks.verify_blocks, blocks, start, image.digests, image.digest_block_size
-                )
-            except FetchError:
-                self.stats.verify_failures += 1
-                raise
-            return blocks
 
-        return await self.with_retries(attempt, f"{redact(image.url)} [{start},{end})")
+        await self._get(image.url, {"Range": f"bytes={start}-{end - 1}"}, end - start,
+                        body.feed, check, urgent)  # fmt: skip
+
+    async def _verified(self, image: Image, start: int, blocks: list[bytes]) -> list[bytes]:
+        """`blocks` read from `start`, once their SHA-256 digests match the store's."""
+        try:
+            await trio.to_thread.run_sync(
+                checks.verify_blocks, blocks, start, image.digests, image.digest_block_size
+            )
+        except FetchError:
+            self.stats.verify_failures += 1
+            raise
+        self.stats.bytes_fetched += sum(len(b) for b in blocks)
+        return blocks

@@ -18,7 +18,9 @@ _NOT_JSON = frozenset({"text/html", "application/xhtml+xml", "text/xml", "applic
 
 
 async def load_catalogue(store: StoreClient) -> manifest.Catalogue:
-    data, content_type = await store.get_metadata_typed(manifest.CATALOGUE_NAME)
+    data, content_type = await store.get_metadata_typed(
+        manifest.CATALOGUE_NAME, manifest.MAX_CATALOGUE_BYTES
+    )
     try:
         return manifest.parse_catalogue(data)
     except ManifestError as exc:
@@ -54,5 +56,19 @@ class DigestLoader:
         lock = self._locks.setdefault(image.image_id, trio.Lock())
         async with lock:
             if image.digests is None:
-                data = await self.store.get_metadata(image.digests_path)
-                image.digests = await trio.to_thread.run_sync(_parse_digests, data, image)
+                image.digests = await self._fetch_verified(image, image.digests_path)
+
+    async def _fetch_verified(self, image: Image, path: str) -> list[bytes]:
+        """The digest file, fetched again (like a data block) when a transfer does not
+        match the catalogue's SHA-256: a flipped byte on the way is not a broken store."""
+        retries = self.store.config.retries
+        for n in range(retries + 1):
+            data = await self.store.get_metadata(path)
+            try:
+                return await trio.to_thread.run_sync(_parse_digests, data, image)
+            except ManifestError as exc:
+                self.store.stats.verify_failures += 1
+                if n == retries:
+                    raise
+                await self.store.back_off(n, redact(self.store.url(path)), exc)
+        raise AssertionError("unreachable")

@@ -7,11 +7,13 @@ from pathlib import Path
 
 import pytest
 
+from backupfs.readpath.blocks import ReaderConfig
 from tests.integration.conftest import BIG, Store
 from tests.support.mounting import mounted
 from tests.support.proxy import FaultProxy
 
 FAST_FAILING = ("timeout=2", "retries=3")
+FAILED_TTL_S = ReaderConfig().failed_ttl_s
 MiB = 1 << 20
 
 
@@ -49,7 +51,15 @@ def test_persistent_faults_give_eio_then_the_mount_recovers(
         assert exc.value.errno == errno.EIO
         assert time.monotonic() - started < 60
         fault_proxy.clear_faults()
-        for offset in (50 * MiB, 150 * MiB):  # the failed range is not cached as failed
+        # Right after, the blocks that failed on their own fail at once: the kernel's
+        # page-by-page retries do not each start a new chain of attempts...
+        started = time.monotonic()
+        with pytest.raises(OSError) as again:
+            _read_both(store, mnt, 50 * MiB)
+        assert again.value.errno == errno.EIO and time.monotonic() - started < 2
+        # ...and once that memory has expired the range is read again.
+        time.sleep(FAILED_TTL_S + 0.2)
+        for offset in (50 * MiB, 150 * MiB):
             got, want = _read_both(store, mnt, offset)
             assert got == want
 
@@ -67,6 +77,7 @@ def test_a_stalled_server_times_out_with_eio(
         assert exc.value.errno == errno.EIO
         assert time.monotonic() - started < 20
         fault_proxy.clear_faults()
+        time.sleep(FAILED_TTL_S + 0.2)  # blocks that failed on their own fail fast until then
         got, want = _read_both(store, mnt, 200 * MiB)
         assert got == want
 
@@ -91,3 +102,13 @@ def test_mixed_faults_never_yield_wrong_bytes(
                 outcomes["ok"] += 1
             fault_proxy.clear_faults()
     assert outcomes["ok"] > 0
+
+
+def test_a_corrupted_digest_file_transfer_is_fetched_again(
+    store: Store, mnt: Path, fault_proxy: FaultProxy
+) -> None:
+    with mounted(fault_proxy.url, mnt, *FAST_FAILING):
+        fault_proxy.add_fault("corrupt", count=1, path_contains=".backupfs/")
+        got, want = _read_both(store, mnt, 7 * MiB)  # opening loads the digests
+        assert got == want
+        assert fault_proxy.faults_left() == 0

@@ -21,17 +21,22 @@ class FakeStore:
         self.images = images
         self.latency = latency
         self.calls: list[tuple[int, int, int]] = []  # (image_id, start, end)
+        self.urgent_starts: set[int] = set()  # starts of fetches asked for as urgent
         self.gate: trio.Event | None = None
         self.fail_at: set[int] = set()  # starts whose next fetch fails
         self.in_flight = 0
         self.max_in_flight = 0
 
-    async def fetch_range(self, image: Image, start: int, end: int, block_size: int) -> list[bytes]:
+    async def fetch_range(
+        self, image: Image, start: int, end: int, block_size: int, urgent: bool = False
+    ) -> list[bytes]:
         data = self.images[image.image_id]
         assert start % block_size == 0, "fetch not aligned to a block"
         assert 0 <= start < end <= len(data), "fetch outside the image"
         assert end % block_size == 0 or end == len(data), "fetch ends inside a block"
         self.calls.append((image.image_id, start, end))
+        if urgent:
+            self.urgent_starts.add(start)
         self.in_flight += 1
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
         try:
@@ -67,9 +72,11 @@ def make_reader(
     nursery: trio.Nursery,
     cache_bytes: int = 1 << 20,
     request_size: int = 64 * KiB,
+    failed_ttl_s: float = 0.0,
 ) -> BlockReader:
+    """A reader over `store`; failed blocks are not remembered unless `failed_ttl_s`."""
     stats = Stats()
-    config = ReaderConfig(request_size=request_size)
+    config = ReaderConfig(request_size=request_size, failed_ttl_s=failed_ttl_s)
     return BlockReader(store, BlockCache(cache_bytes, stats), nursery, config, stats)
 
 

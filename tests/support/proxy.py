@@ -121,8 +121,10 @@ class _TokenBucket:
     def __init__(self, bytes_per_s: float) -> None:
         self.rate = bytes_per_s
         self.free_at = 0.0
+        self.taken = 0  # bytes sent through the link so far
 
     async def take(self, n: int) -> None:
+        self.taken += n
         now = asyncio.get_running_loop().time()
         self.free_at = max(now - self.BURST_S, self.free_at) + n / self.rate
         if self.free_at > now:
@@ -143,6 +145,11 @@ class DelayProxy(_LoopThread):
         super().__init__(upstream_port)
         self.delay_s = rtt_ms / 2000.0
         self._bucket = _TokenBucket(rate_mbit * 1e6 / 8) if rate_mbit else None
+
+    @property
+    def bytes_down(self) -> int:
+        """Bytes sent to clients so far (counted only on a rate-capped proxy)."""
+        return self._bucket.taken if self._bucket is not None else 0
 
     async def _handle(self, client: socket.socket) -> None:
         loop = asyncio.get_running_loop()

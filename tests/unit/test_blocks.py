@@ -111,7 +111,7 @@ async def test_failed_fetch_reaches_every_waiter_and_a_later_read_retries(
     store = FakeStore({1: data})
     store.gate = trio.Event()
     store.fail_at = {3 * BS}
-    reader = make_reader(store, nursery)
+    reader = make_reader(store, nursery, failed_ttl_s=0.2)
     image = make_image(data)
     errors: list[FetchError] = []
     results: list[bytes] = []
@@ -135,7 +135,14 @@ async def test_failed_fetch_reaches_every_waiter_and_a_later_read_retries(
     assert reader.stats.read_errors == 1
     assert (1, 3) not in reader.cache
 
-    # Nothing is stuck: the next read fetches again and succeeds.
+    # A read right after fails at once with the same error: no new chain of attempts
+    # (the kernel retries a failed readahead page by page).
+    with pytest.raises(FetchError, match=f"boom at {3 * BS}"):
+        await reader.read(image, 3 * BS + 500, 100, fresh())
+    assert store.calls == [(1, 3 * BS, 4 * BS)]
+
+    # Nothing is stuck: once the failure is old, the next read fetches again and succeeds.
+    await trio.sleep(0.25)
     assert await reader.read(image, 3 * BS, 100, fresh()) == data[3 * BS : 3 * BS + 100]
     assert store.calls == [(1, 3 * BS, 4 * BS)] * 2
 
@@ -387,3 +394,40 @@ async def test_reads_of_planned_or_warmed_blocks_do_not_drive_readahead(
         assert await reader.read(image, offset, BS, tracker) == data[offset : offset + BS]
     await trio.testing.wait_all_tasks_blocked()
     assert max(store.fetched_blocks()) >= 20
+
+
+async def test_a_read_ends_at_its_deadline_while_the_fetch_goes_on(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    from backupfs.readpath.blocks import BlockReader, ReaderConfig
+    from backupfs.readpath.cache import BlockCache
+    from backupfs.stats import Stats
+
+    data = os.urandom(8 * BS)
+    store = FakeStore({1: data})
+    store.gate = trio.Event()  # the store never answers
+    stats = Stats()
+    config = ReaderConfig(request_size=BS, read_deadline_s=30.0)
+    reader = BlockReader(store, BlockCache(1 << 20, stats), nursery, config, stats)
+    image = make_image(data)
+    started = trio.current_time()
+    with pytest.raises(FetchError, match="no data within 30s"):
+        await reader.read(image, 0, 100, fresh())
+    assert trio.current_time() - started == pytest.approx(30.0)
+    store.gate.set()  # the fetch was not cancelled: a later read gets its block
+    assert await reader.read(image, 0, 100, fresh()) == data[:100]
+    assert len(store.calls) == 1
+
+
+async def test_demand_fetches_are_urgent_readahead_is_not(nursery: trio.Nursery) -> None:
+    data = os.urandom(64 * BS)
+    store = FakeStore({1: data})
+    reader = make_reader(store, nursery, request_size=4 * BS)
+    image = make_image(data)
+    tracker = fresh()
+    for offset in range(0, 8 * BS, BS):  # a sequential stream: readahead starts
+        await reader.read(image, offset, BS, tracker)
+    await trio.testing.wait_all_tasks_blocked()
+    urgent = {start for _, start, _ in store.calls if start in store.urgent_starts}
+    assert 0 in urgent  # the first read's own block
+    assert any(start not in store.urgent_starts for _, start, _ in store.calls)  # readahead

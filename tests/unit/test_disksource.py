@@ -27,7 +27,9 @@ class FakeInner:
         self.calls: list[tuple[int, int]] = []
         self.fail = False
 
-    async def fetch_range(self, image: Image, start: int, end: int, block_size: int) -> list[bytes]:
+    async def fetch_range(
+        self, image: Image, start: int, end: int, block_size: int, urgent: bool = False
+    ) -> list[bytes]:
         self.calls.append((start, end))
         await trio.lowlevel.checkpoint()
         if self.fail:
@@ -202,3 +204,22 @@ async def test_a_block_reader_over_the_disk_source_reads_a_remount_from_disk(
         else:
             assert inner.calls == []
             assert stats.disk_cache_hits == 11
+
+
+async def test_a_full_write_backlog_drops_writes_and_counts_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from backupfs.readpath import disksource
+
+    monkeypatch.setattr(disksource, "WRITE_BACKLOG_BYTES", BS)
+    data = os.urandom(8 * BS)
+    inner, stats = FakeInner(data), Stats()
+    disk = DiskCache(tmp_path, 1 << 30)
+    image = make_image(data)
+    # Two blocks do not fit a one-block backlog: served, not written, counted.
+    assert await fetch(inner, disk, image, 0, 2 * BS, stats) == blocks_of(data, 0, 2 * BS)
+    assert stats.disk_cache_writes_dropped == 1 and entries(tmp_path) == []
+    # One does.
+    assert await fetch(inner, disk, image, 2 * BS, 3 * BS, stats) == blocks_of(data, 2 * BS, 3 * BS)
+    assert stats.disk_cache_writes_dropped == 1
+    assert len(entries(tmp_path)) == BS // DBS
