@@ -29,7 +29,7 @@ OPTION_TABLE: tuple[tuple[str, str, str], ...] = (
     ("readahead=", "64M", "largest readahead window of a sequential stream (≤ cache_size/2)"),
     ("request_size=", "4M", "largest single ranged GET"),
     ("connections=", "16", "parallel HTTP connections"),
-    ("timeout=", "30", "seconds one HTTP attempt may take in all"),
+    ("timeout=", "30", "seconds an HTTP request may wait for its next byte (a slow link that delivers is never cut off)"),
     (
         "retries=",
         "4",
@@ -70,7 +70,7 @@ class MountOptions:
     readahead: int = 64 << 20  # maximum readahead window per sequential stream
     request_size: int = 4 << 20  # largest single ranged GET
     connections: int = 16  # parallel HTTP connections (metadata walks are many small reads)
-    timeout: float = 30.0  # seconds for one whole HTTP attempt
+    timeout: float = 30.0  # seconds an HTTP request may go without receiving a byte
     retries: int = 4  # further attempts after a transient failure
     token_file: Path | None = None  # bearer token, read once at mount time
     netrc: Path | None = None  # HTTP basic auth from the entry for the store's host
