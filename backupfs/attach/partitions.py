@@ -6,6 +6,7 @@ some kernels lack. Parsing is pure; `read_disk` runs the tools.
 
 import json
 import os
+import re
 import subprocess
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -15,7 +16,14 @@ from backupfs.linux.tools import failure_reason
 
 TOOL_TIMEOUT_S = 120
 PROBE_BYTES = 1 << 20  # blkid and sfdisk look near the start and the end of a device
+PROBE_THREADS = 8  # blkid runs (and prereads) at once
+# A table is the image's word: a crafted one may list thousands of partitions, each of
+# which would cost probes, loop devices and mounts. A GPT has room for 128 by default.
+MAX_PARTITIONS = 128
 _EXTENDED_MBR_TYPES = {"5", "f", "85"}  # containers of logical partitions, not filesystems
+# What sfdisk (libfdisk's fdisk_partname) puts between the device and the number: "p"
+# after a name ending in a digit (disk0 -> disk0p1), "-part" or "part" for some names.
+_NODE_NUMBER = re.compile(r"(?:p|-part|part)?([0-9]+)")
 
 
 @dataclass(frozen=True)
@@ -43,22 +51,41 @@ def parse_blkid_export(text: str) -> dict[str, str]:
 
 
 def parse_sfdisk_json(text: str) -> list[Partition]:
-    """Partitions from `sfdisk --json`; extended (container) MBR partitions are left out."""
+    """Partitions from `sfdisk --json`; extended (container) MBR partitions are left out.
+    More than MAX_PARTITIONS, two with one number, or a negative start or size are
+    refused with one line."""
     try:
         table = json.loads(text)["partitiontable"]
         sector = int(table.get("sectorsize", 512))
-        device = table.get("device", "")
+        device = str(table.get("device", ""))
+        entries = table.get("partitions", [])
+        if len(entries) > MAX_PARTITIONS:
+            raise UserError(
+                f"the partition table lists {len(entries)} partitions; "
+                f"backupfs attaches disks of at most {MAX_PARTITIONS}"
+            )
         parts: list[Partition] = []
-        for p in table.get("partitions", []):
+        for p in entries:
             extended = str(p.get("type", "")).lower() in _EXTENDED_MBR_TYPES
             if table.get("label") == "dos" and extended:
                 continue
-            node = str(p["node"])
-            number = int(node[len(device) :]) if node.startswith(device) else len(parts) + 1
-            parts.append(Partition(number, int(p["start"]) * sector, int(p["size"]) * sector))
+            number = _node_number(str(p["node"]), device, len(parts) + 1)
+            start, size = int(p["start"]) * sector, int(p["size"]) * sector
+            if sector <= 0 or not 0 <= start <= start + size < 1 << 63:
+                raise ValueError(f"partition {number} at {start} of {size} bytes")
+            if any(q.number == number for q in parts):
+                raise ValueError(f"two partitions numbered {number}")
+            parts.append(Partition(number, start, size))
         return parts
-    except (ValueError, KeyError, TypeError) as exc:
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise UserError(f"cannot read the partition table: {exc}") from None
+
+
+def _node_number(node: str, device: str, position: int) -> int:
+    """The partition number in sfdisk's name for it: what follows the device's name
+    ("p3" after "disk0", "3" after "sda"); its place in the table if the name is odd."""
+    found = _NODE_NUMBER.fullmatch(node[len(device) :]) if node.startswith(device) else None
+    return int(found[1]) if found else position
 
 
 def _run(argv: list[str]) -> subprocess.CompletedProcess[str]:
@@ -93,12 +120,14 @@ def preread(image: str, spans: list[tuple[int, int]]) -> None:
     for start, size in spans:
         n = min(PROBE_BYTES, size)
         reads += [(start, n), (start + size - n, n)]
+    if not reads:
+        return
     try:
         fd = os.open(image, os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
         return  # the tools will say what is wrong
     try:
-        with ThreadPoolExecutor(len(reads)) as pool:
+        with ThreadPoolExecutor(min(len(reads), PROBE_THREADS)) as pool:
             list(pool.map(lambda r: os.pread(fd, r[1], r[0]), reads))
     except OSError:
         pass
@@ -117,9 +146,14 @@ def read_disk(image: str, size_bytes: int) -> list[Partition]:
     proc = _run(["sfdisk", "--json", image])
     if proc.returncode != 0:
         raise UserError(f"{image}: sfdisk cannot read its {whole['PTTYPE']} partition table")
-    parts = parse_sfdisk_json(proc.stdout)
+    try:
+        parts = parse_sfdisk_json(proc.stdout)
+    except UserError as exc:
+        raise UserError(f"{image}: {exc}") from None
+    if not parts:
+        raise UserError(f"{image}: its {whole['PTTYPE']} partition table lists no partitions")
     preread(image, [(p.start_bytes, p.size_bytes) for p in parts])
-    with ThreadPoolExecutor(max(1, len(parts))) as pool:
+    with ThreadPoolExecutor(max(1, min(len(parts), PROBE_THREADS))) as pool:
         found = list(pool.map(lambda p: probe(image, p.start_bytes, p.size_bytes), parts))
     return [_with_probe(p, f) for p, f in zip(parts, found, strict=True)]
 

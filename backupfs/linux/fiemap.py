@@ -1,8 +1,17 @@
-"""Where a file's bytes lie on its block device: the FS_IOC_FIEMAP ioctl."""
+"""Where a file's bytes lie on its block device: the FS_IOC_FIEMAP ioctl.
+
+Run as root on paths that may come from a hostile image's metadata, so a file is opened
+only once it is known to be a regular file: the last component is opened with O_PATH
+and O_NOFOLLOW (which opens no device, FIFO or symlink), checked with fstat, and only
+then reopened for reading (O_RDONLY, O_NONBLOCK, O_NOCTTY) through /proc/self/fd. A
+PathBelow is resolved one component at a time from its root, following no symlink and
+leaving neither the root's directory tree nor its filesystem.
+"""
 
 import errno
 import fcntl
 import os
+import stat
 import struct
 from dataclasses import dataclass
 
@@ -28,11 +37,67 @@ class NoFiemap(Exception):
     """The filesystem does not report extents."""
 
 
+_PATH = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
+_READ = os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+
+
+class PathBelow(str):
+    """`root`/`rel`, where `rel` was named by something untrusted (an image's metadata):
+    file_extents opens it below `root` only. Other string operations give plain str."""
+
+    root: str
+    rel: str
+
+    def __new__(cls, root: str, rel: str) -> "PathBelow":
+        self = super().__new__(cls, os.path.join(root, rel))
+        self.root, self.rel = root, rel
+        return self
+
+
+def safe_rel(rel: str) -> bool:
+    """Whether `rel` names something below its directory: a relative path of plain names
+    (none empty, ".", ".." or holding a NUL), so that joining it cannot leave."""
+    return all(part not in ("", ".", "..") and "\0" not in part for part in rel.split("/"))
+
+
 def file_extents(path: str) -> list[Extent]:
-    """The mapped, plainly stored extents of a file, in file order."""
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    """The mapped, plainly stored extents of a regular file, in file order (a symlink,
+    directory, device or FIFO raises OSError without being opened)."""
+    fd = _open_below(path) if isinstance(path, PathBelow) else _open_regular(path, None, None)
     try:
         return _fiemap(fd)
+    finally:
+        os.close(fd)
+
+
+def _open_below(path: PathBelow) -> int:
+    if not safe_rel(path.rel):
+        raise OSError(errno.EINVAL, "not a path below its root", str(path))
+    *dirs, name = path.rel.split("/")
+    fd = os.open(path.root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        device = os.fstat(fd).st_dev
+        for part in dirs:
+            below = os.open(part, _PATH | os.O_DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd = below
+            if os.fstat(fd).st_dev != device:
+                raise OSError(errno.EXDEV, "leaves its filesystem", str(path))
+        return _open_regular(name, fd, device)
+    finally:
+        os.close(fd)
+
+
+def _open_regular(path: str, dir_fd: int | None, device: int | None) -> int:
+    """`path` opened for reading if it is a regular file (on `device`, if given)."""
+    fd = os.open(path, _PATH, dir_fd=dir_fd)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", path)
+        if device is not None and st.st_dev != device:
+            raise OSError(errno.EXDEV, "leaves its filesystem", path)
+        return os.open(f"/proc/self/fd/{fd}", _READ)
     finally:
         os.close(fd)
 

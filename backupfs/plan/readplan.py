@@ -8,7 +8,6 @@ reads then fall back to the daemon's readahead.
 """
 
 import contextlib
-import json
 import logging
 import os
 import socket
@@ -17,10 +16,19 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 from backupfs.attach import state as attach_state
-from backupfs.linux.fiemap import Extent, NoFiemap, file_extents
+from backupfs.linux.fiemap import Extent, NoFiemap, PathBelow, file_extents, safe_rel
 from backupfs.linux.mountinfo import read_mounts
 from backupfs.plan import metaprefetch
-from backupfs.plan.channel import RANGES_PER_MESSAGE, encode, socket_address
+from backupfs.plan.channel import (
+    MAX_LINE_BYTES,
+    RANGES_PER_MESSAGE,
+    ChannelError,
+    check_reply,
+    decode,
+    encode,
+    peer_uid,
+    socket_address,
+)
 from backupfs.plan.extents import PLANNABLE_FS, Range, merge, to_image
 
 log = logging.getLogger(__name__)
@@ -28,6 +36,8 @@ MERGE_GAP_BYTES = 64 << 10  # read across gaps this small: one request beats two
 MERGE_MAX_BYTES = 8 << 20  # a merged range is sent once it is this long
 WHOLE_FILE = 1 << 62  # a size for image_ranges that trims nothing (directories too)
 SEND_RANGES = 256  # ranges per message: the daemon gets the start of a plan at once
+CONNECT_TIMEOUT_S = 5.0  # to connect to the daemon's plan socket
+PLAN_TIMEOUT_S = 30.0  # for each send, and between replies (a warm reports every 0.5 s)
 
 
 @dataclass(frozen=True)
@@ -80,7 +90,8 @@ def image_ranges(
     source: ImageSource, files: Iterable[tuple[str, int, int]], known: KnownExtents | None = None
 ) -> Iterator[Range]:
     """Image ranges of `(path, size, inode number or 0)` files, in their order, from
-    `known` extents where it has the inode, else FIEMAP; unmappable files are skipped."""
+    `known` extents where it has the inode, else FIEMAP; unmappable files are skipped.
+    FIEMAP opens only regular files, a PathBelow (walked_files) only below its root."""
     learnt = known.of(source) if known is not None else {}
     for path, size, number in files:
         extents = learnt.get(number) if number else None
@@ -110,17 +121,34 @@ def batched(
 
 
 class PlanSession:
-    """One connection to a mount daemon, carrying one plan for one image."""
+    """One connection to a mount daemon, carrying one plan for one image.
+
+    The socket's name can be bound by any local user before the daemon does, so the peer
+    must be root or our own user; every connect, send and receive has a deadline, so a
+    daemon that hangs costs the plan, not the restore."""
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         self.reply = sock.makefile("rb")
 
     @classmethod
-    def open(cls, source: ImageSource, mode: str) -> "PlanSession | None":
+    def open(
+        cls, source: ImageSource, mode: str, timeout_s: float = PLAN_TIMEOUT_S
+    ) -> "PlanSession | None":
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         try:
+            sock.settimeout(min(timeout_s, CONNECT_TIMEOUT_S))
             sock.connect(socket_address(source.mountpoint))
+            uid = peer_uid(sock)
+            if uid not in (0, os.getuid()):
+                log.warning(
+                    "no read plan: the plan socket of %s is held by uid %d, not by root or by us",
+                    source.mountpoint,
+                    uid,
+                )
+                sock.close()
+                return None
+            sock.settimeout(timeout_s)
             sock.sendall(encode({"image": source.image, "mode": mode}))
         except OSError as exc:
             log.info("no read plan: the daemon of %s does not answer: %s", source.mountpoint, exc)
@@ -129,25 +157,47 @@ class PlanSession:
         return cls(sock)
 
     def send(self, ranges: Iterable[Range]) -> int:
-        """Send ranges merged over small gaps, then the end mark; returns bytes planned."""
+        """Send ranges merged over small gaps, then the end mark; returns bytes planned.
+        A daemon that stops taking them (it refused the plan, or hangs) ends the sending
+        early: its reply, if any, says why."""
         total = 0
-        for batch in batched(
-            merge(ranges, MERGE_GAP_BYTES, MERGE_MAX_BYTES), SEND_RANGES, MERGE_MAX_BYTES
-        ):
-            total += sum(end - start for start, end in batch)
-            self.sock.sendall(encode({"ranges": batch}))
-        self.sock.sendall(encode({"end": True}))
+        try:
+            for batch in batched(
+                merge(ranges, MERGE_GAP_BYTES, MERGE_MAX_BYTES), SEND_RANGES, MERGE_MAX_BYTES
+            ):
+                self.sock.sendall(encode({"ranges": batch}))
+                total += sum(end - start for start, end in batch)
+            self.sock.sendall(encode({"end": True}))
+        except OSError as exc:
+            log.info("read plan: the daemon stopped taking it: %s", exc)
         return total
 
     def replies(self) -> Iterator[dict[str, object]]:
-        for line in self.reply:
-            yield json.loads(line)
+        """The daemon's replies, checked (channel.check_reply); a reply that breaks the
+        protocol, or none within the deadline, ends them with a made-up final reply
+        whose error says so."""
+        try:
+            while line := self.reply.readline(MAX_LINE_BYTES + 1):
+                try:
+                    reply = check_reply(decode(line.rstrip(b"\n")))
+                except ChannelError as exc:
+                    yield _failed(f"a malformed reply from the daemon: {exc}")
+                    return
+                yield reply
+        except TimeoutError:
+            yield _failed(f"the daemon did not answer for {self.sock.gettimeout():g}s")
+        except OSError as exc:
+            yield _failed(f"the connection to the daemon failed: {exc.strerror or exc}")
 
     def close(self) -> None:
         with contextlib.suppress(OSError):  # also wakes a thread blocked in sendall
             self.sock.shutdown(socket.SHUT_RDWR)
         self.reply.close()
         self.sock.close()
+
+
+def _failed(error: str) -> dict[str, object]:
+    return {"fetched": 0, "total": 0, "done": True, "error": error}
 
 
 class RestorePlan:
@@ -188,9 +238,18 @@ def start_restore_plan(
 
 def walked_files(root: str, walked: metaprefetch.Walked) -> list[tuple[str, int, int]]:
     """(path, size, inode number) of every regular file a metadata walk from `root`
-    found, in inode order."""
-    return [(os.path.join(root, os.fsdecode(f.rel)), f.size, n)
-            for n, f in sorted(walked.files.items())]  # fmt: skip
+    found, in inode order. The names come from the image, and root opens these paths:
+    one that would not stay below `root` ("/", "..", NUL...) is left out, and the rest
+    are PathBelow `root`, which FIEMAP opens without following a symlink or leaving."""
+    files: list[tuple[str, int, int]] = []
+    for number, found in sorted(walked.files.items()):
+        rel = os.fsdecode(found.rel)
+        if safe_rel(rel):
+            files.append((PathBelow(root, rel), found.size, number))
+    if len(files) < len(walked.files):
+        log.warning("%s: left %d files with unsafe names out of the read plan", root,
+                    len(walked.files) - len(files))  # fmt: skip
+    return files
 
 
 def start_tree_plan(
