@@ -29,7 +29,11 @@ OPTION_TABLE: tuple[tuple[str, str, str], ...] = (
     ("readahead=", "64M", "largest readahead window of a sequential stream (≤ cache_size/2)"),
     ("request_size=", "4M", "largest single ranged GET"),
     ("connections=", "16", "parallel HTTP connections"),
-    ("timeout=", "30", "seconds an HTTP request may wait for its next byte (a slow link that delivers is never cut off)"),
+    (
+        "timeout=",
+        "30",
+        "seconds a request may wait for its next byte (not a cap on its length)",
+    ),
     (
         "retries=",
         "4",
