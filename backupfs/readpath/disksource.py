@@ -102,9 +102,12 @@ class DiskCachedSource:
         self, digests: list[bytes], fresh: Fresh, parts: int, dbs: int, size: int
     ) -> None:
         try:
-            await trio.to_thread.run_sync(
-                self._write, digests, fresh, parts, dbs, limiter=self._writer
-            )
+            # Shielded: at unmount the backlog (at most WRITE_BACKLOG_BYTES) is still
+            # written, so what this mount fetched is there for the next one.
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(
+                    self._write, digests, fresh, parts, dbs, limiter=self._writer
+                )
         except Exception:  # never into the daemon's nursery
             log.warning("disk cache write failed", exc_info=True)
         finally:
