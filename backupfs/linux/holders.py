@@ -1,6 +1,7 @@
 """Which processes hold files under a mountpoint open (what `fuser -m` tells), from /proc."""
 
 import contextlib
+import errno
 import os
 
 
@@ -39,5 +40,5 @@ def is_dead_mount(path: str) -> bool:
     try:
         os.statvfs(path)
     except OSError as exc:
-        return exc.errno == 107  # ENOTCONN: "Transport endpoint is not connected"
+        return exc.errno == errno.ENOTCONN  # "Transport endpoint is not connected"
     return False

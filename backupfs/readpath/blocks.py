@@ -161,13 +161,13 @@ class BlockReader:
         """Make every block of `block_nos` that is neither cached, pending nor recently
         failed pending, and start a fetch task per run of at most `request_size`; `urgent`
         when a reader waits for them. Never awaits."""
-        now = trio.current_time()
+        now = trio.current_time() if self._failed else 0.0
         todo = [
             n
             for n in block_nos
             if (key := (image.image_id, n)) not in self._pending
             and key not in self.cache
-            and self._failed_recently(key, now) is None
+            and (not self._failed or self._failed_recently(key, now) is None)
         ]
         max_blocks = max(1, self.config.request_size // image.block_size)
         for first, end in contiguous_runs(todo, max_blocks):

@@ -208,10 +208,10 @@ class StoreClient:
             except FetchError as exc:
                 if not exc.transient or n == self.config.retries:
                     raise
-                await self.back_off(n, what, exc)
+                await self._back_off(n, what, exc)
         raise AssertionError("unreachable")
 
-    async def back_off(self, n: int, what: str, exc: Exception) -> None:
+    async def _back_off(self, n: int, what: str, exc: FetchError) -> None:
         """Wait before attempt `n + 1` (exponential, jittered), and count the retry."""
         delay = min(_BACKOFF_FIRST_S * 2**n, _BACKOFF_MAX_S) * random.uniform(0.5, 1)
         log.info("%s: %s; retrying in %.2fs", what, exc, delay)
@@ -363,7 +363,7 @@ class StoreClient:
                     continue
                 if not exc.transient or failures == self.config.retries:
                     raise
-                await self.back_off(failures, what, exc)
+                await self._back_off(failures, what, exc)
                 failures += 1
 
     async def _get_range(

@@ -5,7 +5,7 @@ import logging
 
 import trio
 
-from backupfs.errors import ManifestError
+from backupfs.errors import FetchError, ManifestError
 from backupfs.ranges import block_count
 from backupfs.remote.client import StoreClient, redact
 from backupfs.store import manifest
@@ -61,14 +61,16 @@ class DigestLoader:
     async def _fetch_verified(self, image: Image, path: str) -> list[bytes]:
         """The digest file, fetched again (like a data block) when a transfer does not
         match the catalogue's SHA-256: a flipped byte on the way is not a broken store."""
-        retries = self.store.config.retries
-        for n in range(retries + 1):
+
+        async def attempt() -> list[bytes]:
             data = await self.store.get_metadata(path)
             try:
                 return await trio.to_thread.run_sync(_parse_digests, data, image)
             except ManifestError as exc:
                 self.store.stats.verify_failures += 1
-                if n == retries:
-                    raise
-                await self.store.back_off(n, redact(self.store.url(path)), exc)
-        raise AssertionError("unreachable")
+                raise FetchError(str(exc), transient=True) from None
+
+        try:
+            return await self.store.with_retries(attempt, redact(self.store.url(path)))
+        except FetchError as exc:
+            raise ManifestError(str(exc)) from None

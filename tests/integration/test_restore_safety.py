@@ -26,6 +26,7 @@ from backupfs.cli.parser import build_parser
 from backupfs.errors import EXIT_OK, EXIT_PARTIAL
 from backupfs.restore.durability import Target
 from backupfs.restore.pipeline import Pipeline
+from tests.support.kernel import needs_filesystems
 from tests.support.mounting import BACKUPFS, run_cli
 from tests.support.system import unmount
 
@@ -392,6 +393,7 @@ def test_unreadable_directories_fail_alone(tmp_path: Path) -> None:
     assert stat.S_IMODE(os.lstat(dest / "locked").st_mode) == 0o000
 
 
+@needs_filesystems("ext4")
 def test_a_bad_directory_block_and_a_bad_inode_fail_alone(tmp_path: Path) -> None:
     """ext4 with metadata checksums: one directory block and one inode damaged in the
     image; the kernel says EBADMSG for those two, restore restores everything else."""

@@ -16,6 +16,7 @@ from tests.integration.conftest import Store
 from tests.support.attachment import attach_env, attached, served_store
 from tests.support.disks import make_disk
 from tests.support.fsimages import PartSpec
+from tests.support.kernel import needs_filesystems
 from tests.support.mounting import mounted, run_cli
 from tests.support.system import is_mounted, tmpfs_mounted
 
@@ -97,6 +98,7 @@ def test_umount_of_something_else_says_so(tmp_path: Path) -> None:
     )
 
 
+@needs_filesystems("ext4")
 def test_umount_names_the_attachments_that_hold_it(tmp_path: Path) -> None:
     store = tmp_path / "store"
     rel = "h1/2026-11-20/disk.img"
