@@ -97,8 +97,14 @@ class MountOptions:
 
     @property
     def lru_bytes(self) -> int:
-        """What the LRU cache may hold, so that cache plus in-flight replies fit cache_size."""
+        """What the LRU caches may hold, so that they and in-flight replies fit cache_size."""
         return self.cache_size - self.in_flight_bytes
+
+    @property
+    def digest_cache_bytes(self) -> int:
+        """The digest chunks' share of lru_bytes (store format 2; the block cache has the
+        rest): 12 MiB with the defaults, the records of 24 GiB of image at 64 KiB blocks."""
+        return max(1 << 20, self.lru_bytes // 16)
 
 
 def parse_size(text: str, name: str) -> int:

@@ -17,6 +17,10 @@ class Stats:
     disk_cache_hits: int = 0  # blocks read from cache_dir instead of fetched
     disk_cache_writes_dropped: int = 0  # fresh runs not written: the write backlog was full
     plan_bytes: int = 0  # bytes asked for by read plans and `backupfs warm`
+    zero_bytes: int = 0  # blocks the digests say are zeros: made here, not fetched
+    digest_bytes_fetched: int = 0  # chunks of digest files fetched (store format 2)
+    digest_index_bytes: int = 0  # chunk indexes of the opened disks (kept while mounted)
+    digest_cache_bytes: int = 0  # digest chunks held (part of cache_size=)
     fetch_seconds: list[float] = field(default_factory=list, repr=False)
 
     def record_fetch(self, seconds: float) -> None:

@@ -20,7 +20,10 @@ def stats_lines(doc: dict[str, Any]) -> list[str]:
         f" ({doc['requests_in_flight']} in flight, {doc['retries']} retries)",
         f"cache            {hits} hits, {misses} misses{rate}; {doc['blocks_in_cache']} blocks,"
         f" {human(doc['cache_bytes'])} of {human(doc['cache_max_bytes'])}"
-        " (cache_size= less the replies in flight)",
+        " (cache_size= less the replies in flight and the digests)",
+        f"digests          {human(doc['digest_bytes_fetched'])} fetched,"
+        f" {human(doc['digest_cache_bytes'])} held, {human(doc['digest_index_bytes'])} of"
+        f" chunk indexes; {human(doc['zero_bytes'])} of zero blocks made, not fetched",
         f"fetch latency    p50 {ms(doc['fetch_p50_ms'])}, p99 {ms(doc['fetch_p99_ms'])}",
         f"readahead        windows {windows} (max {human(doc['readahead_max_bytes'])})",
         f"errors           {doc['verify_failures']} verification failures,"

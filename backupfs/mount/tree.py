@@ -63,6 +63,7 @@ def build_tree(catalogue: Catalogue, base_url: str, block_size: int) -> Tree:
                 digest_block_size=disk.block_size,
                 digests_path=digests_path(snap.host, snap.name, disk.name),
                 digests_sha256=disk.digests_sha256,
+                digest_index_sha256=disk.digest_index_sha256,
             )
             tree.add(snap_node.inode, disk.name, snap.time_ns, image)
     return tree

@@ -11,9 +11,9 @@ disk, and a reader that goes away cannot cancel the write.
 Blocks cannot be keyed by content when the image has no digests or the block size is not
 a multiple of the digest block size; such fetches go straight to the inner source.
 
-Worker threads touch only the DiskCache (thread-safe, blocking), the image's digest list
-(never changed once loaded) and `bytes` (immutable); never the stats, the nursery or the
-image itself.
+Worker threads touch only the DiskCache (thread-safe, blocking), the digests fetched for
+them and `bytes` (immutable); never the stats, the nursery or the image itself. Zero
+records (store format 2: a block of zeros) are never stored or looked up.
 """
 
 import logging
@@ -25,6 +25,7 @@ from backupfs.ranges import contiguous_runs
 from backupfs.readpath.diskcache import DiskCache
 from backupfs.readpath.source import RangeSource
 from backupfs.stats import Stats
+from backupfs.store.digestfile import DIGEST_SIZE, ZERO_RECORD
 from backupfs.store.image import Image
 
 log = logging.getLogger(__name__)
@@ -56,9 +57,11 @@ class DiskCachedSource:
         )
         if not parts or not whole_blocks or end <= start:
             return await self.inner.fetch_range(image, start, end, block_size, urgent)
-        digests = image.digests
-        assert digests is not None  # else parts == 0
+        assert image.digests is not None  # else parts == 0
         first, stop = start // block_size, -(-end // block_size)
+        dbs = image.digest_block_size
+        records = await image.digests.records(first * parts, -(-end // dbs))
+        digests = [records[i : i + DIGEST_SIZE] for i in range(0, len(records), DIGEST_SIZE)]
         found = await trio.to_thread.run_sync(
             self._read, digests, first, stop, parts, limiter=self._reader
         )
@@ -71,14 +74,18 @@ class DiskCachedSource:
             found[run_first - first : run_end - first] = blocks
             fresh.append((run_first, blocks))
         if fresh:
-            self._write_behind(digests, fresh, parts, image.digest_block_size)
+            self._write_behind(digests, first, fresh, parts, dbs)
         return cast(list[bytes], found)  # every None was replaced by a fetched block
 
     def _read(self, digests: list[bytes], first: int, stop: int, parts: int) -> list[bytes | None]:
-        """Worker thread: blocks `[first, stop)` from disk; None where a piece is missing."""
+        """Worker thread: blocks `[first, stop)` from disk; None where a piece is missing.
+        `digests` are those of the digest blocks from block `first` on."""
         out: list[bytes | None] = []
         for n in range(first, stop):
-            wanted = digests[n * parts : (n + 1) * parts]
+            wanted = digests[(n - first) * parts : (n - first + 1) * parts]
+            if ZERO_RECORD in wanted:  # zeros are never stored: the inner source makes them
+                out.append(None)
+                continue
             pieces = []
             for digest in wanted:
                 piece = self.disk.get(digest)
@@ -88,7 +95,9 @@ class DiskCachedSource:
             out.append(b"".join(pieces) if len(pieces) == len(wanted) else None)
         return out
 
-    def _write_behind(self, digests: list[bytes], fresh: Fresh, parts: int, dbs: int) -> None:
+    def _write_behind(
+        self, digests: list[bytes], first: int, fresh: Fresh, parts: int, dbs: int
+    ) -> None:
         """Queue the fresh blocks for writing; dropped (and counted) when the backlog is
         full: the disk cache may cost speed, never memory or the mount."""
         size = sum(len(b) for _, blocks in fresh for b in blocks)
@@ -96,30 +105,32 @@ class DiskCachedSource:
             self.stats.disk_cache_writes_dropped += 1
             return
         self.backlog_bytes += size
-        self.nursery.start_soon(self._write_task, digests, fresh, parts, dbs, size)
+        self.nursery.start_soon(self._write_task, digests, first, fresh, parts, dbs, size)
 
     async def _write_task(
-        self, digests: list[bytes], fresh: Fresh, parts: int, dbs: int, size: int
+        self, digests: list[bytes], first: int, fresh: Fresh, parts: int, dbs: int, size: int
     ) -> None:
         try:
             # Shielded: at unmount the backlog (at most WRITE_BACKLOG_BYTES) is still
             # written, so what this mount fetched is there for the next one.
             with trio.CancelScope(shield=True):
                 await trio.to_thread.run_sync(
-                    self._write, digests, fresh, parts, dbs, limiter=self._writer
+                    self._write, digests, first, fresh, parts, dbs, limiter=self._writer
                 )
         except Exception:  # never into the daemon's nursery
             log.warning("disk cache write failed", exc_info=True)
         finally:
             self.backlog_bytes -= size
 
-    def _write(self, digests: list[bytes], fresh: Fresh, parts: int, dbs: int) -> None:
+    def _write(self, digests: list[bytes], first: int, fresh: Fresh, parts: int, dbs: int) -> None:
         """Worker thread: store each digest block of the fresh blocks under its digest."""
         for run_first, blocks in fresh:
             for i, block in enumerate(blocks):
-                base = (run_first + i) * parts
+                base = (run_first - first + i) * parts
                 for j in range(0, len(block), dbs):
-                    self.disk.put(digests[base + j // dbs], block[j : j + dbs])
+                    digest = digests[base + j // dbs]
+                    if digest != ZERO_RECORD:
+                        self.disk.put(digest, block[j : j + dbs])
 
 
 def _digest_parts(image: Image, block_size: int) -> int:

@@ -9,6 +9,7 @@ import re
 from collections.abc import Mapping
 
 from backupfs.errors import FetchError
+from backupfs.store.digestfile import DIGEST_SIZE, ZERO_RECORD
 
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
 
@@ -99,23 +100,34 @@ class BlockAssembler:
 
 
 def verify_blocks(
-    blocks: list[bytes], start: int, digests: list[bytes] | None, digest_block_size: int
+    blocks: list[bytes],
+    start: int,
+    records: bytes | None,
+    digest_block_size: int,
+    marks_zeros: bool = False,
 ) -> None:
-    """Check blocks read from byte `start` against the store's per-block SHA-256 digests.
+    """Check blocks read from byte `start` against the store's per-block SHA-256 records.
 
-    `start` and every block but the last are multiples of `digest_block_size`. Runs in a
-    worker thread (hashlib releases the GIL).
+    `records` holds the records of the digest blocks from `start // digest_block_size` on;
+    with `marks_zeros` (store format 2) a zero record asks for a block of zeros. `start`
+    and every block but the last are multiples of `digest_block_size`. Runs in a worker
+    thread (hashlib releases the GIL).
     """
-    if digests is None:
+    if records is None:
         return
-    offset = start
+    offset, first = start, start // digest_block_size
+    zeros = bytes(digest_block_size) if marks_zeros else b""
     for block in blocks:
         view = memoryview(block)
         for pos in range(0, len(block), digest_block_size):
-            if (
-                hashlib.sha256(view[pos : pos + digest_block_size]).digest()
-                != digests[(offset + pos) // digest_block_size]
-            ):
+            n = (offset + pos) // digest_block_size - first
+            want = records[n * DIGEST_SIZE : (n + 1) * DIGEST_SIZE]
+            piece = view[pos : pos + digest_block_size]
+            if marks_zeros and want == ZERO_RECORD:
+                good = bytes(piece) == zeros[: len(piece)]  # memcmp, not per item
+            else:
+                good = hashlib.sha256(piece).digest() == want
+            if not good:
                 raise FetchError(
                     f"bytes at offset {offset + pos} do not match their SHA-256", transient=True
                 )

@@ -5,10 +5,9 @@ connection happens here and never inside httpx: FIFO, with demand reads before p
 (limiter.py).
 """
 
+import functools
 import logging
 import random
-import socket
-import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TypeVar
@@ -22,8 +21,10 @@ from backupfs.errors import FetchError, StoreError, UsageError
 from backupfs.options import MountOptions
 from backupfs.remote import checks
 from backupfs.remote.credentials import Credentials
+from backupfs.remote.failures import http_error, status_hint
 from backupfs.remote.limiter import PriorityLimiter
 from backupfs.stats import Stats
+from backupfs.store.digestfile import DIGEST_SIZE
 from backupfs.store.image import Image
 
 log = logging.getLogger(__name__)
@@ -95,98 +96,6 @@ def make_client(config: ClientConfig, creds: Credentials) -> httpx.AsyncClient:
     )
 
 
-_NAME_MISMATCH = (62, 64)  # X509_V_ERR_HOSTNAME_MISMATCH, X509_V_ERR_IP_ADDRESS_MISMATCH
-
-
-E = TypeVar("E", bound=BaseException)
-
-
-def _cause(exc: BaseException, kind: type[E], depth: int = 0) -> E | None:
-    """The first exception of type `kind` in the chain behind `exc` (looking into
-    exception groups: trio tries each address of a host and groups the failures)."""
-    seen: BaseException | None = exc
-    while seen is not None and depth < 32:
-        if isinstance(seen, kind):
-            return seen
-        if isinstance(seen, BaseExceptionGroup):
-            for inner in seen.exceptions:
-                found = _cause(inner, kind, depth + 1)
-                if found is not None:
-                    return found
-        seen = seen.__cause__ or seen.__context__
-        depth += 1
-    return None
-
-
-def _certificate_error(cert_error: ssl.SSLCertVerificationError) -> FetchError:
-    reason = (cert_error.verify_message or "").rstrip(".")
-    detail = f": {reason}" if reason else ""
-    if cert_error.verify_code in _NAME_MISMATCH:
-        hint = "use the host name or address the certificate names"
-    else:
-        hint = "use -o cafile= for a private CA"
-    return FetchError(f"TLS certificate verification failed{detail} ({hint})", transient=False)
-
-
-def _connection_error(exc: httpx.HTTPError, url: str) -> FetchError | None:
-    """A sentence for the connection failures people meet, with the likely cause; None
-    for the others."""
-    parts = urlsplit(url)
-    host = parts.hostname or "?"
-    where = f"{host}:{parts.port or (443 if parts.scheme == 'https' else 80)}"
-    name_error = _cause(exc, socket.gaierror)
-    if name_error is not None:
-        if name_error.errno == socket.EAI_AGAIN:
-            return FetchError(f"cannot resolve {host} (name service not answering)", transient=True)
-        return FetchError(f"unknown host {host} (check the URL)", transient=False)
-    if _cause(exc, ConnectionRefusedError) is not None:
-        return FetchError(
-            f"connection refused by {where} (is the server running, on this port?)",
-            transient=True,
-        )
-    tls_error = _cause(exc, ssl.SSLError)
-    if tls_error is not None and "WRONG_VERSION_NUMBER" in str(tls_error):
-        return FetchError(
-            f"{where} does not speak TLS (is this an http port? try http://)", transient=False
-        )
-    if isinstance(exc, httpx.ConnectTimeout):
-        return FetchError(f"no answer from {where} (wrong address, or a firewall?)", transient=True)
-    if isinstance(exc, httpx.RemoteProtocolError) and parts.scheme == "http":
-        return FetchError(
-            f"{where} closed the connection without an HTTP reply (is this an https port? "
-            "try https://)",
-            transient=True,
-        )
-    return None
-
-
-def _http_error(exc: httpx.HTTPError, url: str) -> FetchError:
-    """A transient FetchError, unless retrying cannot help (a certificate that fails
-    verification, an unknown host, TLS spoken to a plain HTTP port)."""
-    cert_error = _cause(exc, ssl.SSLCertVerificationError)
-    if cert_error is not None:
-        return _certificate_error(cert_error)
-    known = _connection_error(exc, url)
-    if known is not None:
-        return known
-    return FetchError((str(exc) or type(exc).__name__).splitlines()[0], transient=True)
-
-
-def _status_hint(status: int, www_authenticate: str, url: str) -> str:
-    """What to check when a metadata GET is refused."""
-    if status == 401 and www_authenticate.lower().startswith("basic"):
-        return " (check -o netrc=)"
-    if status in (401, 403):
-        return " (check -o token_file=)"
-    if status == 404:
-        return " (is this a backupfs store? run `backupfs index` on it)"
-    if status == 400 and url.startswith("https:"):
-        return " (does the server want a client certificate? -o cert=,key=)"
-    if status == 400 and url.startswith("http:"):
-        return " (is this an https port? try https://)"
-    return ""
-
-
 class StoreClient:
     def __init__(
         self, client: httpx.AsyncClient, base_url: str, config: ClientConfig, stats: Stats
@@ -247,7 +156,7 @@ class StoreClient:
                     return await self._get_body(url, headers, limit, sink, on_headers, progressed)
                 raise FetchError(f"no data for {timeout_s:g}s", transient=True)
             except httpx.HTTPError as exc:
-                raise _http_error(exc, url) from None
+                raise http_error(exc, url) from None
             finally:
                 self.stats.requests_in_flight -= 1
                 self.stats.record_fetch(trio.current_time() - start)
@@ -267,7 +176,7 @@ class StoreClient:
                 checks.check_status(resp.status_code, redact(url))
             elif resp.status_code != 200:
                 status = resp.status_code
-                hint = _status_hint(status, resp.headers.get("WWW-Authenticate", ""), url)
+                hint = status_hint(status, resp.headers.get("WWW-Authenticate", ""), url)
                 transient = status >= 500 or status == 429
                 raise FetchError(f"HTTP {status}{hint}", transient=transient, status=status)
             if on_headers is not None:
@@ -329,10 +238,65 @@ class StoreClient:
                 ) from None
             raise StoreError(f"cannot read {redact(image.url)}: {exc}") from None
 
+    async def get_part(self, path: str, start: int, end: int, total: int) -> bytes:
+        """Bytes `[start, end)` of a `total`-byte metadata file: one attempt, FetchError."""
+        url = self.url(path)
+        chunks: list[bytes] = []
+
+        def check(headers: httpx.Headers) -> None:
+            checks.check_range_headers(headers, start, end, total, None)
+
+        await self._get(url, {"Range": f"bytes={start}-{end - 1}"}, end - start,
+                        chunks.append, check)  # fmt: skip
+        data = b"".join(chunks)
+        if len(data) != end - start:
+            raise FetchError(f"short body: {len(data)} of {end - start}", transient=True)
+        return data
+
     async def fetch_range(
         self, image: Image, start: int, end: int, block_size: int, urgent: bool = False
     ) -> list[bytes]:
-        """Bytes `[start, end)` of an image, verified, cut into cache blocks.
+        """Bytes `[start, end)` of an image, verified, cut into cache blocks. Blocks that
+        the digests say are zeros (store format 2) are made here, not fetched."""
+        runs = await self._zero_runs(image, start, end, block_size)
+        if runs is None:
+            return await self._fetch_run(image, start, end, block_size, urgent)
+        blocks: list[bytes] = []
+        for run_start, run_end, zero in runs:
+            if zero:
+                offsets = range(run_start, run_end, block_size)
+                blocks += [_zeros(min(block_size, run_end - p)) for p in offsets]
+                self.stats.zero_bytes += run_end - run_start
+            else:
+                blocks += await self._fetch_run(image, run_start, run_end, block_size, urgent)
+        return blocks
+
+    async def _zero_runs(
+        self, image: Image, start: int, end: int, block_size: int
+    ) -> list[tuple[int, int, bool]] | None:
+        """`[start, end)` cut into runs of whole cache blocks that are all zeros or not;
+        None when no block of it is known to be zeros."""
+        digests, dbs = image.digests, image.digest_block_size
+        if digests is None or not digests.marks_zeros or start % block_size or block_size % dbs:
+            return None
+        records = await digests.records(start // dbs, -(-end // dbs))
+        runs: list[tuple[int, int, bool]] = []
+        per_block = block_size // dbs * DIGEST_SIZE
+        for pos in range(start, end, block_size):
+            i = (pos - start) // dbs * DIGEST_SIZE
+            mine = records[i : i + per_block]
+            zero = mine.count(0) == len(mine)
+            stop = min(pos + block_size, end)
+            if runs and runs[-1][2] == zero:
+                runs[-1] = (runs[-1][0], stop, zero)
+            else:
+                runs.append((pos, stop, zero))
+        return None if not any(zero for _, _, zero in runs) else runs
+
+    async def _fetch_run(
+        self, image: Image, start: int, end: int, block_size: int, urgent: bool
+    ) -> list[bytes]:
+        """Bytes `[start, end)`, fetched and verified.
 
         An attempt that stalls or breaks off mid-body keeps the whole blocks it received
         (verified like any others: verified blocks are blocks) and the next attempt asks
@@ -384,12 +348,24 @@ class StoreClient:
 
     async def _verified(self, image: Image, start: int, blocks: list[bytes]) -> list[bytes]:
         """`blocks` read from `start`, once their SHA-256 digests match the store's."""
+        digests, dbs = image.digests, image.digest_block_size
+        size = sum(len(b) for b in blocks)
+        records = None
+        if digests is not None:
+            records = await digests.records(start // dbs, -(-(start + size) // dbs))
+        marks_zeros = digests is not None and digests.marks_zeros
         try:
             await trio.to_thread.run_sync(
-                checks.verify_blocks, blocks, start, image.digests, image.digest_block_size
+                checks.verify_blocks, blocks, start, records, dbs, marks_zeros
             )
         except FetchError:
             self.stats.verify_failures += 1
             raise
-        self.stats.bytes_fetched += sum(len(b) for b in blocks)
+        self.stats.bytes_fetched += size
         return blocks
+
+
+@functools.cache
+def _zeros(size: int) -> bytes:
+    """A block of zeros; one object per size, shared by every block the cache holds."""
+    return bytes(size)

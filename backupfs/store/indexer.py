@@ -13,8 +13,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 from backupfs.errors import ManifestError, UserError
-from backupfs.linux.atomicfile import write_atomic
+from backupfs.linux.atomicfile import atomic_writer, write_atomic
 from backupfs.store import manifest
+from backupfs.store.digestfile import INDEX_SUFFIX, write_digests
 from backupfs.store.manifest import Catalogue, DiskEntry, SnapshotEntry
 
 log = logging.getLogger(__name__)
@@ -37,13 +38,13 @@ def snapshot_time_ns(name: str, fallback_ns: int) -> int:
     return int(when.timestamp()) * 1_000_000_000
 
 
-def hash_image(path: Path, block_size: int) -> bytes:
-    """Concatenated SHA-256 digests of each block of the image."""
-    out = bytearray()
-    with open(path, "rb", buffering=0) as f:
-        while block := f.read(block_size):
-            out += hashlib.sha256(block).digest()
-    return bytes(out)
+def hash_image(image: Path, size: int, block_size: int, digest_file: Path) -> bytes:
+    """Write the image's digest file (digestfile.py) and its chunk index; return the index."""
+    index_file = digest_file.with_name(digest_file.name + INDEX_SUFFIX)
+    with open(image, "rb", buffering=0) as f, atomic_writer(digest_file) as out:
+        index = write_digests(f, size, block_size, out)
+    write_atomic(index_file, index)
+    return index
 
 
 def _usable_name(path: Path, what: str, say: Callable[[str], None]) -> bool:
@@ -100,20 +101,21 @@ def index_snapshot(
             and old.size_bytes == st.st_size
             and old.mtime_ns == st.st_mtime_ns
             and old.block_size == block_size
+            and old.digest_index_sha256 is not None  # else a format 1 entry: hashed again
             and digest_file.exists()
+            and digest_file.with_name(digest_file.name + INDEX_SUFFIX).exists()
         ):
             disks.append(old)
             continue
         say(f"hashing {host}/{snap}/{image.name} ({st.st_size} bytes)")
-        digests = hash_image(image, block_size)
-        write_atomic(digest_file, digests)
+        index = hash_image(image, st.st_size, block_size, digest_file)
         disks.append(
             DiskEntry(
                 name=image.name,
                 size_bytes=st.st_size,
                 mtime_ns=st.st_mtime_ns,
                 block_size=block_size,
-                digests_sha256=hashlib.sha256(digests).hexdigest(),
+                digest_index_sha256=hashlib.sha256(index).hexdigest(),
             )
         )
     time_ns = snapshot_time_ns(snap, max(d.mtime_ns for d in disks))

@@ -1,4 +1,4 @@
-"""The store's metadata (format version 1): parsing, validation and paths. No I/O.
+"""The store's metadata (format versions 1 and 2): parsing, validation and paths. No I/O.
 
 See docs/store-format.md. Everything read from a store is untrusted: names are
 checked so that they can never address anything outside their own directory, and every
@@ -13,13 +13,14 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from backupfs.errors import ManifestError
+from backupfs.store.digestfile import INDEX_SUFFIX
 
 FORMAT = "backupfs-store"
-VERSION = 1
+VERSION = 2  # what `backupfs index` writes
+READABLE_VERSIONS = (1, 2)  # 1: each digest file is verified whole (digestfile.py for 2)
 CATALOGUE_NAME = "backupfs-store.json"
 META_DIR = ".backupfs"
 SNAPSHOT_META_NAME = "snapshot.json"
-DIGEST_SIZE = 32
 MIN_BLOCK_SIZE = 4 << 10
 MAX_BLOCK_SIZE = 64 << 20
 # A catalogue entry takes about 250 bytes a disk: this is some 250,000 disks.
@@ -35,7 +36,8 @@ class DiskEntry:
     size_bytes: int
     mtime_ns: int
     block_size: int
-    digests_sha256: str  # SHA-256 of the disk's digest file
+    digests_sha256: str | None = None  # version 1: SHA-256 of the whole digest file
+    digest_index_sha256: str | None = None  # version 2: SHA-256 of its chunk index
 
 
 @dataclass(frozen=True)
@@ -88,26 +90,38 @@ def _int(value: object, what: str, lo: int = 0, hi: int = _INT64_MAX) -> int:
     return value
 
 
-def parse_disk(raw: object) -> DiskEntry:
+def digest_index_path(host: str, snapshot: str, disk: str) -> str:
+    return digests_path(host, snapshot, disk) + INDEX_SUFFIX
+
+
+def _sha256_hex(raw: dict[str, Any], key: str, name: str) -> str:
+    value = raw.get(key)
+    if not isinstance(value, str) or not _HEX64.fullmatch(value):
+        raise ManifestError(f"malformed store metadata: {key} of {name} is not SHA-256")
+    return value
+
+
+def parse_disk(raw: object, version: int = VERSION) -> DiskEntry:
     if not isinstance(raw, dict):
         raise ManifestError("malformed store metadata: a disk entry is not an object")
     name = check_name(raw.get("name"), "disk")
     block_size = _int(raw.get("block_size"), f"block_size of {name}", MIN_BLOCK_SIZE, 1 << 62)
     if block_size > MAX_BLOCK_SIZE or block_size & (block_size - 1):
         raise ManifestError(f"malformed store metadata: block_size of {name} is not a power of two")
-    digest = raw.get("digests_sha256")
-    if not isinstance(digest, str) or not _HEX64.fullmatch(digest):
-        raise ManifestError(f"malformed store metadata: digests_sha256 of {name} is not SHA-256")
+    if version == 1:
+        digests = {"digests_sha256": _sha256_hex(raw, "digests_sha256", name)}
+    else:
+        digests = {"digest_index_sha256": _sha256_hex(raw, "digest_index_sha256", name)}
     return DiskEntry(
         name=name,
         size_bytes=_int(raw.get("size_bytes"), f"size_bytes of {name}"),
         mtime_ns=_int(raw.get("mtime_ns"), f"mtime_ns of {name}", lo=_MIN_TIME_NS),
         block_size=block_size,
-        digests_sha256=digest,
+        **digests,
     )
 
 
-def parse_snapshot(raw: object) -> SnapshotEntry:
+def parse_snapshot(raw: object, version: int = VERSION) -> SnapshotEntry:
     if not isinstance(raw, dict):
         raise ManifestError("malformed store metadata: a snapshot entry is not an object")
     host = check_name(raw.get("host"), "host")
@@ -115,20 +129,21 @@ def parse_snapshot(raw: object) -> SnapshotEntry:
     disks_raw = raw.get("disks")
     if not isinstance(disks_raw, list):
         raise ManifestError(f"malformed store metadata: disks of {host}/{name} is not a list")
-    disks = tuple(parse_disk(d) for d in disks_raw)
+    disks = tuple(parse_disk(d, version) for d in disks_raw)
     _no_duplicates([d.name for d in disks], f"disk in {host}/{name}")
     return SnapshotEntry(host, name, _int(raw.get("time_ns"), "time_ns", lo=_MIN_TIME_NS), disks)
 
 
-def _check_header(raw: object) -> dict[str, Any]:
+def _check_header(raw: object) -> tuple[dict[str, Any], int]:
     if not isinstance(raw, dict) or raw.get("format") != FORMAT:
         raise ManifestError("malformed store metadata: not a backupfs store catalogue")
     version = raw.get("version")
-    if type(version) is not int or version != VERSION:
+    if type(version) is not int or version not in READABLE_VERSIONS:
+        readable = " and ".join(map(str, READABLE_VERSIONS))
         raise ManifestError(
-            f"store format version {version!r} is not supported (this backupfs reads {VERSION})"
+            f"store format version {version!r} is not supported (this backupfs reads {readable})"
         )
-    return raw
+    return raw, version
 
 
 def _no_duplicates(names: list[str], what: str) -> None:
@@ -157,29 +172,36 @@ def _load_json(data: bytes) -> object:
 
 
 def parse_catalogue(data: bytes) -> Catalogue:
-    raw = _check_header(_load_json(data))
+    raw, version = _check_header(_load_json(data))
     snaps_raw = raw.get("snapshots")
     if not isinstance(snaps_raw, list):
         raise ManifestError("malformed store metadata: snapshots is not a list")
-    snapshots = tuple(parse_snapshot(s) for s in snaps_raw)
+    snapshots = tuple(parse_snapshot(s, version) for s in snaps_raw)
     _no_duplicates([f"{s.host}/{s.name}" for s in snapshots], "snapshot")
     return Catalogue(snapshots)
 
 
 def parse_snapshot_meta(data: bytes) -> SnapshotEntry:
-    raw = _check_header(_load_json(data))
-    return parse_snapshot(raw.get("snapshot"))
+    raw, version = _check_header(_load_json(data))
+    return parse_snapshot(raw.get("snapshot"), version)
 
 
 def _header() -> dict[str, Any]:
     return {"format": FORMAT, "version": VERSION}
 
 
+def _snapshot_doc(snapshot: SnapshotEntry) -> dict[str, Any]:
+    """A snapshot entry as JSON, without the digest key of the other format version."""
+    doc = asdict(snapshot)
+    doc["disks"] = [{k: v for k, v in d.items() if v is not None} for d in doc["disks"]]
+    return doc
+
+
 def dump_catalogue(catalogue: Catalogue) -> bytes:
-    doc = _header() | {"snapshots": [asdict(s) for s in catalogue.snapshots]}
+    doc = _header() | {"snapshots": [_snapshot_doc(s) for s in catalogue.snapshots]}
     return json.dumps(doc, indent=1).encode() + b"\n"
 
 
 def dump_snapshot_meta(snapshot: SnapshotEntry) -> bytes:
-    doc = _header() | {"snapshot": asdict(snapshot)}
+    doc = _header() | {"snapshot": _snapshot_doc(snapshot)}
     return json.dumps(doc, indent=1).encode() + b"\n"

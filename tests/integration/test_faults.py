@@ -9,7 +9,7 @@ import pytest
 
 from backupfs.readpath.blocks import ReaderConfig
 from tests.integration.conftest import BIG, Store
-from tests.support.mounting import mounted
+from tests.support.mounting import mounted, read_stats
 from tests.support.proxy import FaultProxy
 
 FAST_FAILING = ("timeout=2", "retries=3")
@@ -104,11 +104,18 @@ def test_mixed_faults_never_yield_wrong_bytes(
     assert outcomes["ok"] > 0
 
 
-def test_a_corrupted_digest_file_transfer_is_fetched_again(
-    store: Store, mnt: Path, fault_proxy: FaultProxy
+@pytest.mark.parametrize("part", ["index", "chunk"])
+def test_a_corrupted_digest_transfer_is_fetched_again(
+    part: str, store: Store, mnt: Path, fault_proxy: FaultProxy
 ) -> None:
+    """The chunk index is fetched when the disk is opened, each chunk of records by range
+    when a read first needs it: a flipped byte in either is fetched again."""
     with mounted(fault_proxy.url, mnt, *FAST_FAILING):
+        if part == "chunk":
+            with open(mnt / BIG, "rb"):  # the index only
+                pass
         fault_proxy.add_fault("corrupt", count=1, path_contains=".backupfs/")
-        got, want = _read_both(store, mnt, 7 * MiB)  # opening loads the digests
+        got, want = _read_both(store, mnt, 7 * MiB)
         assert got == want
         assert fault_proxy.faults_left() == 0
+        assert read_stats(mnt)["verify_failures"] == 1

@@ -191,7 +191,7 @@ def test_store_errors_are_one_line(store: Store, mnt: Path) -> None:
     )
     assert _mount_error(url + "newer/", mnt) == (
         f"{url}newer/backupfs-store.json: "
-        "store format version 99 is not supported (this backupfs reads 1)"
+        "store format version 99 is not supported (this backupfs reads 1 and 2)"
     )
     assert _mount_error(url + "html/", mnt) == (
         f"{url}html/backupfs-store.json: got text/html, not a store catalogue "

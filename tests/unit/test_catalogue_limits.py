@@ -37,7 +37,7 @@ CTX: Any = pyfuse3.RequestContext()
 
 
 def _doc() -> dict[str, Any]:
-    disk = DiskEntry("sda.img", 10_000, 1_700_000_000_123_456_789, 4096, HEX)
+    disk = DiskEntry("sda.img", 10_000, 1_700_000_000_123_456_789, 4096, digest_index_sha256=HEX)
     cat = Catalogue((SnapshotEntry("web1", "2026-11-20T0300Z", 1_795_143_600 * 10**9, (disk,)),))
     return json.loads(manifest.dump_catalogue(cat))
 
@@ -99,7 +99,7 @@ def test_a_hostile_catalogue_is_refused_with_one_line(data: bytes, message: str)
 
 def _extreme() -> bytes:
     """The largest values the catalogue takes, and names with control characters."""
-    disks = [DiskEntry(f"d{n}\x1b[31m.img", INT64_MAX, INT64_MIN, 64 << 20, HEX)
+    disks = [DiskEntry(f"d{n}\x1b[31m.img", INT64_MAX, INT64_MIN, 64 << 20, digest_index_sha256=HEX)
              for n in range(9000)]  # fmt: skip
     snaps = (
         SnapshotEntry("h\n\u202eost", "new", INT64_MAX, tuple(disks)),
@@ -189,8 +189,9 @@ _VALID = manifest.dump_catalogue(
     Catalogue(
         (
             SnapshotEntry("web1", "2026-11-20T0300Z", 1_795_143_600 * 10**9, (
-                DiskEntry("sda.img", 10_000, 1_700_000_000_123_456_789, 4096, HEX),
-                DiskEntry("sdb.img", 0, 0, 1 << 20, "0" * 64),
+                DiskEntry("sda.img", 10_000, 1_700_000_000_123_456_789, 4096,
+                          digest_index_sha256=HEX),
+                DiskEntry("sdb.img", 0, 0, 1 << 20, digest_index_sha256="0" * 64),
             )),
             SnapshotEntry("db", "weekly", 5, ()),
         )

@@ -165,7 +165,8 @@ def split_verified(
         step = step * 3 + 7
     blocks = assembler.finish()
     assert assembler.size_bytes == len(body)
-    verify_blocks(blocks, start, digests, digest_block_size)
+    records = None if digests is None else b"".join(digests[start // digest_block_size :])
+    verify_blocks(blocks, start, records, digest_block_size)
     return blocks
 
 

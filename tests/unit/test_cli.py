@@ -46,10 +46,16 @@ def test_stats_lines_say_what_the_cache_bound_is_and_keep_one_precision() -> Non
         "blocks_in_cache": 1, "cache_bytes": 65536, "cache_max_bytes": 192 << 20,
         "fetch_p50_ms": 12.0, "fetch_p99_ms": 45.67, "readahead_windows": [],
         "readahead_max_bytes": 64 << 20, "verify_failures": 0, "read_errors": 0,
+        "digest_bytes_fetched": 65536, "digest_cache_bytes": 65536,
+        "digest_index_bytes": 1 << 20, "zero_bytes": 3 << 30,
     }  # fmt: skip
     lines = stats_lines(doc)
-    assert "64.0 KiB of 192.0 MiB (cache_size= less the replies in flight)" in lines[3]
-    assert lines[4] == "fetch latency    p50 12.0 ms, p99 45.7 ms"
+    assert "64.0 KiB of 192.0 MiB (cache_size= less the replies in flight and the" in lines[3]
+    assert lines[4] == (
+        "digests          64.0 KiB fetched, 64.0 KiB held, 1.0 MiB of chunk indexes;"
+        " 3.0 GiB of zero blocks made, not fetched"
+    )
+    assert lines[5] == "fetch latency    p50 12.0 ms, p99 45.7 ms"
 
 
 def test_counts_have_their_noun_in_the_right_number() -> None:

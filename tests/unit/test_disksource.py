@@ -14,6 +14,7 @@ from backupfs.readpath.cache import BlockCache
 from backupfs.readpath.diskcache import DiskCache
 from backupfs.readpath.disksource import DiskCachedSource
 from backupfs.readpath.readahead import ReadaheadConfig, StreamTracker
+from backupfs.remote.digests import LoadedDigests
 from backupfs.stats import Stats
 from backupfs.store.image import Image
 
@@ -46,8 +47,16 @@ def make_image(data: bytes, block_size: int = BS, digests: bool = True) -> Image
         size_bytes=len(data),
         block_size=block_size,
         digest_block_size=DBS,
-        digests=[hashlib.sha256(p).digest() for p in pieces] if digests else None,
+        digests=LoadedDigests(b"".join(hashlib.sha256(p).digest() for p in pieces))
+        if digests
+        else None,
     )
+
+
+def digest_list(image: Image) -> list[bytes]:
+    assert isinstance(image.digests, LoadedDigests)
+    data = image.digests.data
+    return [data[i : i + 32] for i in range(0, len(data), 32)]
 
 
 def entries(root: Path) -> list[Path]:
@@ -81,8 +90,8 @@ async def test_misses_are_fetched_and_written_to_disk(tmp_path: Path) -> None:
     assert inner.calls == [(0, 4 * BS)]
     assert stats.disk_cache_hits == 0
     assert image.digests is not None
-    assert entries(tmp_path) == sorted(entry(tmp_path, d) for d in image.digests[:16])
-    for i, digest in enumerate(image.digests[:16]):
+    assert entries(tmp_path) == sorted(entry(tmp_path, d) for d in digest_list(image)[:16])
+    for i, digest in enumerate(digest_list(image)[:16]):
         assert entry(tmp_path, digest).read_bytes() == data[i * DBS : (i + 1) * DBS]
 
 
@@ -109,7 +118,7 @@ async def test_only_the_missing_runs_are_fetched(tmp_path: Path) -> None:
     assert image.digests is not None
     for n in (2, 4):  # blocks 2 and 4 are on disk already
         for j in range(4):
-            disk.put(image.digests[n * 4 + j], data[n * BS + j * DBS : n * BS + (j + 1) * DBS])
+            disk.put(digest_list(image)[n * 4 + j], data[n * BS + j * DBS : n * BS + (j + 1) * DBS])
     assert await fetch(inner, disk, image, 0, 7 * BS, stats) == blocks_of(data, 0, 7 * BS)
     assert inner.calls == [(0, 2 * BS), (3 * BS, 4 * BS), (5 * BS, 7 * BS)]
     assert stats.disk_cache_hits == 2
@@ -122,13 +131,13 @@ async def test_a_block_with_one_piece_missing_is_fetched_whole(tmp_path: Path) -
     disk = DiskCache(tmp_path, 1 << 30)
     await fetch(inner, disk, image, 0, 2 * BS, Stats())
     assert image.digests is not None
-    entry(tmp_path, image.digests[6]).unlink()  # the third piece of block 1
+    entry(tmp_path, digest_list(image)[6]).unlink()  # the third piece of block 1
     inner.calls.clear()
     stats = Stats()
     assert await fetch(inner, disk, image, 0, 2 * BS, stats) == blocks_of(data, 0, 2 * BS)
     assert inner.calls == [(BS, 2 * BS)]
     assert stats.disk_cache_hits == 1
-    assert entry(tmp_path, image.digests[6]).read_bytes() == data[6 * DBS : 7 * DBS]
+    assert entry(tmp_path, digest_list(image)[6]).read_bytes() == data[6 * DBS : 7 * DBS]
 
 
 async def test_a_corrupted_entry_is_fetched_again_and_rewritten(tmp_path: Path) -> None:
@@ -137,7 +146,7 @@ async def test_a_corrupted_entry_is_fetched_again_and_rewritten(tmp_path: Path) 
     disk = DiskCache(tmp_path, 1 << 30)
     await fetch(inner, disk, image, 0, 3 * BS, Stats())
     assert image.digests is not None
-    damaged = entry(tmp_path, image.digests[5])  # in block 1
+    damaged = entry(tmp_path, digest_list(image)[5])  # in block 1
     damaged.write_bytes(b"\0" * DBS)
     inner.calls.clear()
     stats = Stats()

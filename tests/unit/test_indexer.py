@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from backupfs.errors import UserError
-from backupfs.store import indexer, manifest
+from backupfs.store import digestfile, indexer, manifest
 from backupfs.store.manifest import Catalogue
 
 BS = 4096
@@ -112,7 +112,10 @@ def _check_indexed(root: Path, images: dict[str, bytes], cat: Catalogue) -> None
         digests = (root / manifest.digests_path(snap.host, snap.name, disk.name)).read_bytes()
         assert digests == _block_digests(data, BS)
         assert len(digests) == 32 * -(-len(data) // BS)
-        assert disk.digests_sha256 == hashlib.sha256(digests).hexdigest()
+        index = (root / manifest.digest_index_path(snap.host, snap.name, disk.name)).read_bytes()
+        assert index == digestfile.chunk_index(digests)
+        assert disk.digest_index_sha256 == hashlib.sha256(index).hexdigest()
+        assert disk.digests_sha256 is None
         assert disk.size_bytes == len(data)
         assert disk.block_size == BS
         assert disk.mtime_ns == (root / rel).stat().st_mtime_ns
