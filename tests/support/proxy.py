@@ -245,6 +245,8 @@ class _Fault:
     count: int
     path_contains: str
     stall_s: float
+    every: int = 1  # fires on every n-th matching request
+    seen: int = 0
 
 
 def _parse_head(head: bytes) -> tuple[list[str], Headers]:
@@ -300,14 +302,21 @@ class FaultProxy(_LoopThread):
         self.requests = 0
 
     def add_fault(
-        self, kind: FaultKind, count: int = 1, path_contains: str = "", stall_s: float = 60.0
+        self,
+        kind: FaultKind,
+        count: int = 1,
+        path_contains: str = "",
+        stall_s: float = 60.0,
+        every: int = 1,
     ) -> None:
+        """Queue a fault for `count` of the requests whose path contains `path_contains`:
+        with `every=2`, every other one of them (the others pass untouched)."""
         if kind not in FAULT_KINDS:
             raise ValueError(f"unknown fault kind {kind!r}")
         if count < 1:
             raise ValueError("count must be >= 1")
         with self._lock:
-            self._faults.append(_Fault(kind, count, path_contains, stall_s))
+            self._faults.append(_Fault(kind, count, path_contains, stall_s, every))
 
     def faults_left(self) -> int:
         with self._lock:
@@ -321,6 +330,9 @@ class FaultProxy(_LoopThread):
         with self._lock:
             for fault in self._faults:
                 if fault.path_contains in path:
+                    fault.seen += 1
+                    if fault.seen % fault.every:
+                        return None
                     fault.count -= 1
                     if fault.count == 0:
                         self._faults.remove(fault)
