@@ -46,6 +46,11 @@ class ManifestError(StoreError):
     """Store metadata that is malformed or unsafe."""
 
 
+class FormatError(ManifestError):
+    """A disk image (qcow2, VMDK, VHD, VHDX) whose header or tables are malformed, hostile
+    or of a kind backupfs does not read. The message names the file and the reason."""
+
+
 class FetchError(Exception):
     """A block could not be fetched and verified; readers see EIO."""
 
