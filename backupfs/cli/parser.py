@@ -18,11 +18,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("index", help="write store metadata for STORE/<host>/<snapshot>/*.img")
+    p = sub.add_parser(
+        "index", help="write store metadata for the disk images in STORE/<host>/<snapshot>/"
+    )
     p.add_argument(
         "store",
         metavar="STORE_DIR",
-        help="the store directory: STORE_DIR/<host>/<snapshot>/<disk>.img",
+        help="the store directory: STORE_DIR/<host>/<snapshot>/<disk> (raw .img, qcow2, "
+        "VMDK, VHD, VHDX)",
+    )
+    p.add_argument(
+        "--map-parent",
+        action="append",
+        default=[],
+        metavar="FROM=TO",
+        help="a parent path that starts with FROM (as written in an image, e.g. "
+        "/var/lib/libvirt/images/) is looked up under TO, a directory of the store "
+        "(e.g. web01/2026-11-01T0300Z); may be repeated",
     )
     p.add_argument(
         "--block-size",

@@ -13,6 +13,7 @@ from backupfs.errors import UserError
 from backupfs.linux.tools import failure_reason
 from backupfs.options import parse_options, parse_size
 from backupfs.remote.credentials import load_credentials
+from backupfs.store.chains import ParentMap
 from backupfs.store.indexer import index_store
 from backupfs.units import plural
 
@@ -29,7 +30,8 @@ def cmd_index(args: argparse.Namespace) -> int:
         else:
             print(line, flush=True)
 
-    catalogue = index_store(Path(args.store), block_size, say=say)
+    maps = [ParentMap.parse(m) for m in args.map_parent]
+    catalogue = index_store(Path(args.store), block_size, say=say, parent_maps=maps)
     disks = sum(len(s.disks) for s in catalogue.snapshots)
     tail = f"; {plural(skipped, 'file')} skipped (listed above)" if skipped else ""
     print(f"indexed {plural(len(catalogue.snapshots), 'snapshot')}, {plural(disks, 'disk')}{tail}")

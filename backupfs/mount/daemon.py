@@ -34,6 +34,7 @@ from backupfs.readpath.diskcache import DiskCache
 from backupfs.readpath.disksource import DiskCachedSource
 from backupfs.readpath.readahead import ReadaheadConfig
 from backupfs.readpath.source import RangeSource
+from backupfs.readpath.vdisk import DiskReader
 from backupfs.remote.client import (
     ClientConfig,
     StoreClient,
@@ -109,7 +110,8 @@ async def serve(
                 readahead_max_bytes=opts.readahead,
                 started_s=time.monotonic(),
             )
-            ops = BackupFsOps(tree, reader, digests, readahead, opts.allow_other, stats_sources)
+            disks = DiskReader(reader)
+            ops = BackupFsOps(tree, disks, digests, readahead, opts.allow_other, stats_sources)
             plans = PlanServer(
                 tree,
                 digests,
@@ -118,6 +120,7 @@ async def serve(
                 warm_bytes=opts.lru_bytes * 3 // 4,
                 warm_window_bytes=2 * opts.in_flight_bytes,
                 allow_other=opts.allow_other,
+                disks=disks,
             )
             await nursery.start(plans.serve, mountpoint)
             pyfuse3.init(ops, mountpoint, fuse_mount_options(url, opts))

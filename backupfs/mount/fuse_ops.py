@@ -21,9 +21,10 @@ from backupfs.errors import FetchError, StoreError
 from backupfs.mount import control
 from backupfs.mount.tree import Tree
 from backupfs.mount.view import Attributes, ControlFile, ImageFile, MountView, ViewError
-from backupfs.readpath.blocks import BlockReader
 from backupfs.readpath.readahead import ReadaheadConfig, StreamTracker
+from backupfs.readpath.vdisk import DiskReader
 from backupfs.remote.metadata import DigestLoader
+from backupfs.store.image import VirtualDisk
 
 log = logging.getLogger(__name__)
 P = ParamSpec("P")
@@ -79,14 +80,14 @@ class BackupFsOps(pyfuse3.Operations):
     def __init__(
         self,
         tree: Tree,
-        reader: BlockReader,
+        disks: DiskReader,
         digests: DigestLoader,
         readahead: ReadaheadConfig,
         allow_other: bool,
         sources: control.StatsSources,
     ) -> None:
         super().__init__()
-        self.reader = reader
+        self.disks = disks  # raw images and guests' disks: qcow2, VMDK, VHD(X) chains
         self.digests = digests
         self.readahead = readahead
         self._handles: dict[int, tuple[ImageFile, StreamTracker]] = {}
@@ -144,7 +145,9 @@ class BackupFsOps(pyfuse3.Operations):
             fh = self._new_fh()
             self._control_handles[fh] = opened.contents
             return pyfuse3.FileInfo(fh=cast(pyfuse3.FileHandleT, fh), direct_io=True)
-        await self.digests.ensure(opened.image)  # a StoreError: EIO, logged by _replies
+        await self.digests.ensure_served(opened.image)  # a StoreError: EIO, logged by _replies
+        if isinstance(opened.image, VirtualDisk):
+            await self.disks.open(opened.image)  # its headers and first tables
         fh = self._new_fh()
         self._handles[fh] = (opened, StreamTracker(self.readahead))
         return pyfuse3.FileInfo(fh=cast(pyfuse3.FileHandleT, fh), keep_cache=True)
@@ -157,7 +160,7 @@ class BackupFsOps(pyfuse3.Operations):
         if handle is None:
             raise ViewError(errno.EBADF)
         opened, tracker = handle
-        return await self.reader.read(opened.image, off, size, tracker)
+        return await self.disks.read(opened.image, off, size, tracker)
 
     @_replies
     async def release(self, fh: int) -> None:

@@ -16,7 +16,7 @@ async def open_store(store: StoreClient, block_size: int) -> Tree:
                     f"({disk.block_size}) for {snap.host}/{snap.name}/{disk.name}"
                 )
     tree = build_tree(catalogue, store.base_url, block_size)
-    images = tree.images()
+    images = tree.stored_images()
     if images:
         await store.probe_range(images[0])
     return tree

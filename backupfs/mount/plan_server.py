@@ -27,8 +27,8 @@ from backupfs.plan import channel
 from backupfs.plan.channel import MAX_LINE_BYTES, ChannelError, encode, socket_address
 from backupfs.readpath.blocks import BlockReader
 from backupfs.readpath.plans import PlanCursor
+from backupfs.readpath.vdisk import DiskReader, Served
 from backupfs.remote.metadata import DigestLoader
-from backupfs.store.image import Image
 
 log = logging.getLogger(__name__)
 Range = tuple[int, int]
@@ -147,8 +147,10 @@ class PlanServer:
         warm_window_bytes: int,
         allow_other: bool,
         limits: PlanLimits | None = None,
+        disks: DiskReader | None = None,
     ) -> None:
         self.tree, self.digests, self.reader = tree, digests, reader
+        self.disks = DiskReader(reader) if disks is None else disks
         self.ahead_bytes = ahead_bytes  # restore plans: prefetched beyond what was read
         self.warm_bytes = warm_bytes  # warm plans: at most this much, so it stays cached
         self.warm_window_bytes = warm_window_bytes  # warm plans: fetched ahead of the wait
@@ -238,7 +240,7 @@ class PlanServer:
         except trio.TooSlowError:
             raise PlanError(f"no message for {timeout_s:g}s") from None
 
-    def _image(self, rel: str) -> Image:
+    def _image(self, rel: str) -> Served:
         node = self.tree.nodes[ROOT_INODE]
         for name in rel.split("/"):
             found = self.tree.lookup(node.inode, name)
@@ -261,7 +263,7 @@ class PlanServer:
         else:
             await self._restore(image, receiver)
 
-    async def _restore(self, image: Image, receiver: _Receiver) -> None:
+    async def _restore(self, image: Served, receiver: _Receiver) -> None:
         ranges = _Ranges(self.limits.session_ranges)
         cursor = PlanCursor()
         try:
@@ -273,7 +275,7 @@ class PlanServer:
             self.reader.forget_plan(cursor)
 
     async def _receive_restore(
-        self, image: Image, receiver: _Receiver, ranges: _Ranges, cursor: PlanCursor
+        self, image: Served, receiver: _Receiver, ranges: _Ranges, cursor: PlanCursor
     ) -> None:
         """Take the plan's messages until the client closes the connection. Idle means
         neither a message nor a read of the plan for `idle_timeout_s`."""
@@ -292,11 +294,11 @@ class PlanServer:
             if cursor.position == seen:
                 raise PlanError(f"idle for {self.limits.idle_timeout_s:g}s")
 
-    async def _prefetch_ahead(self, image: Image, ranges: _Ranges, cursor: PlanCursor) -> None:
+    async def _prefetch_ahead(self, image: Served, ranges: _Ranges, cursor: PlanCursor) -> None:
         """Keep the plan fetched up to `ahead_bytes` past the furthest reader. Positions,
         not bytes served, measure progress: bytes merged in across small gaps are never
         read, and bytes the page cache already holds are never served."""
-        await self.digests.ensure(image)  # meanwhile the plan's messages are taken
+        await self.digests.ensure_served(image)  # meanwhile the plan's messages are taken
         pieces = _Pieces(ranges, self.reader.request_size)
         planned = 0
         while True:
@@ -306,11 +308,11 @@ class PlanServer:
                     break
                 start, end = piece
                 planned += end - start
-                self.reader.plan(image, start, end, cursor, planned)
+                await self.disks.plan(image, start, end, cursor, planned)
             with trio.move_on_after(_POLL_S):  # new ranges arrive without an event
                 await cursor.moved.wait()
 
-    async def _warm(self, image: Image, receiver: _Receiver, stream: trio.SocketStream) -> None:
+    async def _warm(self, image: Served, receiver: _Receiver, stream: trio.SocketStream) -> None:
         ranges = _Ranges(self.limits.session_ranges)
         while True:
             message = await self._next(receiver, self.limits.idle_timeout_s)
@@ -319,7 +321,7 @@ class PlanServer:
             ranges.add(channel.check_ranges(message, image.size_bytes))
             if channel.check_end(message):
                 break
-        await self.digests.ensure(image)
+        await self.digests.ensure_served(image)
         total = ranges.total_bytes
         fetched, error = 0, None
         async with trio.open_nursery() as nursery:
@@ -343,9 +345,9 @@ class PlanServer:
                         started = ahead.next()
                         if started is None:
                             break
-                        self.reader.prefetch(image, *started)
+                        await self.disks.prefetch(image, *started)
                         started_bytes += started[1] - started[0]
-                    await self.reader.fetched(image, start, end)
+                    await self.disks.fetched(image, start, end)
                     fetched += end - start
             except FetchError as exc:
                 error = str(exc)

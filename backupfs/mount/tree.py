@@ -1,10 +1,15 @@
 """The mounted tree `<host>/<snapshot>/<disk>.img` as plain data; it knows nothing of FUSE."""
 
+import logging
 from dataclasses import dataclass, field
 from urllib.parse import quote
 
-from backupfs.store.image import Image
-from backupfs.store.manifest import Catalogue, digests_path, image_path
+from backupfs.errors import ManifestError
+from backupfs.store.chains import MAX_CHAIN_DEPTH
+from backupfs.store.image import ChainLink, Image, VirtualDisk
+from backupfs.store.manifest import Catalogue, DiskEntry, digests_path, image_path
+
+log = logging.getLogger(__name__)
 
 ROOT_INODE = 1
 
@@ -15,7 +20,7 @@ class Node:
     name: str
     mtime_ns: int
     children: dict[str, int] = field(default_factory=dict)  # name -> inode, for directories
-    image: Image | None = None  # for files
+    image: Image | VirtualDisk | None = None  # for files: a raw image, or a guest's disk
 
     @property
     def is_dir(self) -> bool:
@@ -30,7 +35,9 @@ class Tree:
     def __init__(self) -> None:
         self.nodes: dict[int, Node] = {ROOT_INODE: Node(ROOT_INODE, "", 0)}
 
-    def add(self, parent: int, name: str, mtime_ns: int, image: Image | None = None) -> Node:
+    def add(
+        self, parent: int, name: str, mtime_ns: int, image: Image | VirtualDisk | None = None
+    ) -> Node:
         node = Node(len(self.nodes) + 1, name, mtime_ns, image=image)
         self.nodes[node.inode] = node
         parent_node = self.nodes[parent]
@@ -42,28 +49,85 @@ class Tree:
         inode = self.nodes[parent].children.get(name)
         return None if inode is None else self.nodes[inode]
 
-    def images(self) -> list[Image]:
+    def images(self) -> list[Image | VirtualDisk]:
+        """What each file serves."""
         return [n.image for n in self.nodes.values() if n.image is not None]
+
+    def stored_images(self) -> list[Image]:
+        """The stored files behind the served ones, each once."""
+        seen: dict[int, Image] = {}
+        for served in self.images():
+            links = (
+                served.links if isinstance(served, VirtualDisk) else [ChainLink("raw", [served])]
+            )
+            for link in links:
+                seen.update((i.image_id, i) for i in link.images)
+        return list(seen.values())
+
+
+class _Images:
+    """One Image per stored file of the catalogue, by store path, shared by every chain."""
+
+    def __init__(self, catalogue: Catalogue, base_url: str, block_size: int) -> None:
+        self.base_url, self.block_size = base_url, block_size
+        self.entries: dict[str, DiskEntry] = {}
+        for snap in catalogue.snapshots:
+            for disk in snap.disks:
+                self.entries[f"{snap.host}/{snap.name}/{disk.name}"] = disk
+        self._made: dict[str, Image] = {}
+
+    def image(self, path: str, disk: DiskEntry) -> Image:
+        if path not in self._made:
+            host, snap, name = path.split("/")
+            self._made[path] = Image(
+                image_id=len(self._made) + 1,
+                url=self.base_url + quote(image_path(host, snap, name)),
+                size_bytes=disk.size_bytes,
+                block_size=self.block_size or disk.block_size,
+                digest_block_size=disk.block_size,
+                digests_path=digests_path(host, snap, name),
+                digests_sha256=disk.digests_sha256,
+                digest_index_sha256=disk.digest_index_sha256,
+            )
+        return self._made[path]
+
+    def link(self, path: str, disk: DiskEntry) -> ChainLink:
+        host, snap, _ = path.split("/")
+        extents = [self.image(f"{host}/{snap}/{e.name}", e) for e in disk.extents]
+        return ChainLink(disk.format, [self.image(path, disk), *extents])
+
+    def served(self, path: str, disk: DiskEntry, disk_id: int) -> Image | VirtualDisk:
+        """A raw disk's Image, or the VirtualDisk of a chain; ManifestError when the
+        catalogue's chain is broken (it is not trusted: it may loop or name nothing)."""
+        if disk.format == "raw":
+            return self.image(path, disk)
+        links, here, entry = [], path, disk
+        while True:
+            links.append(self.link(here, entry))
+            if entry.parent is None:
+                break
+            if len(links) > MAX_CHAIN_DEPTH or entry.parent not in self.entries:
+                raise ManifestError(f"{path}: its chain is broken at {entry.parent}")
+            here, entry = entry.parent, self.entries[entry.parent]
+        return VirtualDisk(disk_id, path, disk.served_size, links)
 
 
 def build_tree(catalogue: Catalogue, base_url: str, block_size: int) -> Tree:
-    """One directory per host and snapshot; `block_size` 0 means each disk's store block size."""
+    """One directory per host and snapshot; `block_size` 0 means each disk's store block
+    size. A disk whose chain the catalogue breaks is left out (and logged)."""
     tree = Tree()
+    images = _Images(catalogue, base_url, block_size)
     hosts: dict[str, int] = {}
     for snap in catalogue.snapshots:
         if snap.host not in hosts:
             hosts[snap.host] = tree.add(ROOT_INODE, snap.host, 0).inode
         snap_node = tree.add(hosts[snap.host], snap.name, snap.time_ns)
         for disk in snap.disks:
-            image = Image(
-                image_id=len(tree.nodes) + 1,
-                url=base_url + quote(image_path(snap.host, snap.name, disk.name)),
-                size_bytes=disk.size_bytes,
-                block_size=block_size or disk.block_size,
-                digest_block_size=disk.block_size,
-                digests_path=digests_path(snap.host, snap.name, disk.name),
-                digests_sha256=disk.digests_sha256,
-                digest_index_sha256=disk.digest_index_sha256,
-            )
-            tree.add(snap_node.inode, disk.name, snap.time_ns, image)
+            path = f"{snap.host}/{snap.name}/{disk.name}"
+            try:
+                served = images.served(path, disk, len(tree.nodes) + 1)
+            except ManifestError as exc:
+                log.error("%s", exc)
+                continue
+            tree.add(snap_node.inode, disk.served_name, snap.time_ns, served)
     return tree

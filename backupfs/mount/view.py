@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from backupfs.mount import control
 from backupfs.mount.tree import ROOT_INODE, Node, Tree
 from backupfs.readpath.readahead import StreamTracker
-from backupfs.store.image import Image
+from backupfs.store.image import Image, VirtualDisk
 
 IMMUTABLE_TIMEOUT_S = 24 * 3600.0  # snapshots never change: cache names and attributes a day
 # Control files always had pyfuse3's default timeouts and st_blksize; kept as they were.
@@ -72,10 +72,10 @@ class ControlFile:
 
 @dataclass(frozen=True)
 class ImageFile:
-    """An opened disk image: its data comes from the block reader."""
+    """An opened disk: a raw image (the block reader) or a guest's disk (readpath.vdisk)."""
 
     name: str
-    image: Image
+    image: Image | VirtualDisk
 
 
 def _no_trackers() -> Iterable[StreamTracker]:

@@ -83,15 +83,19 @@ class BlockReader:
         """The largest single fetch: read plans are cut into ranges of at most this."""
         return self.config.request_size
 
-    async def read(self, image: Image, offset: int, size: int, tracker: StreamTracker) -> bytes:
-        """Exactly `size` bytes at `offset`, fewer only at end of file; raises FetchError."""
+    async def read(
+        self, image: Image, offset: int, size: int, tracker: StreamTracker | None = None
+    ) -> bytes:
+        """Exactly `size` bytes at `offset`, fewer only at end of file; raises FetchError.
+        `tracker`: the stream the read belongs to, for readahead (None: no readahead)."""
         needed = block_range(offset, size, image.block_size, image.size_bytes)
         if not needed:
             return b""
         cached = [self.cache.get((image.image_id, n)) for n in needed]
         missing = [n for n, b in zip(needed, cached, strict=True) if b is None]
         self._start_fetches(image, missing, urgent=True)
-        self._read_ahead(image, offset, size, needed, tracker)  # queued after the demand
+        if tracker is not None:
+            self._read_ahead(image, offset, size, needed, tracker)  # queued after the demand
         with trio.move_on_after(self.config.read_deadline_s):
             blocks = await self._collect(image, needed, cached)
             data = slice_blocks(blocks, needed[0], image.block_size, offset, size)
@@ -113,6 +117,12 @@ class BlockReader:
         block_nos = block_range(start, end - start, image.block_size, image.size_bytes)
         self._start_fetches(image, block_nos)
 
+    def readahead_limit(self) -> int | None:
+        """The most a readahead window may hold: what the source delivered in the last
+        READAHEAD_AHEAD_S (None: nothing measured yet)."""
+        rate = self.throughput.rate(trio.current_time())
+        return None if rate is None else int(rate * READAHEAD_AHEAD_S)
+
     def forget_plan(self, cursor: PlanCursor) -> None:
         """A plan ended (its client went away): its blocks age out of the cache normally."""
         self.plans.forget(cursor)
@@ -129,9 +139,7 @@ class BlockReader:
         planned or warmed blocks say nothing about what comes next: they feed nothing."""
         if self.plans.active and self.plans.covers(image, needed):
             return
-        rate = self.throughput.rate(trio.current_time())
-        limit = None if rate is None else int(rate * READAHEAD_AHEAD_S)
-        ahead = tracker.on_read(offset, size, limit)
+        ahead = tracker.on_read(offset, size, self.readahead_limit())
         if ahead is not None:
             start, end = ahead
             bs = image.block_size

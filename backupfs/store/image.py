@@ -4,6 +4,8 @@ blocks, and the digests that verify those blocks. Plain data: no I/O, no trio.""
 from dataclasses import dataclass
 from typing import Protocol
 
+from backupfs.store.formats.base import Layer
+
 
 class BlockDigests(Protocol):
     """The SHA-256 record of each digest block of an image (remote.digests holds the
@@ -30,3 +32,31 @@ class Image:
     digest_index_sha256: str | None = None  # format 2: its chunk index's SHA-256
     digests: BlockDigests | None = None  # set on first open (remote.metadata.DigestLoader)
     validator: str | None = None  # ETag/Last-Modified pinned by the first reply
+
+
+@dataclass
+class ChainLink:
+    """One image of a chain: its format and stored files (the image, then the extent files
+    a VMDK descriptor names), each an Image of its own, shared with every chain it is in."""
+
+    format: str
+    images: list[Image]
+
+
+@dataclass
+class VirtualDisk:
+    """A guest's disk served at its virtual size through the tables of a chain of images,
+    top first (readpath.vdisk reads it)."""
+
+    disk_id: int
+    name: str  # for messages: host/snapshot/file of the top image
+    size_bytes: int  # the virtual size the catalogue gives; checked against the header
+    links: list[ChainLink]
+    layers: list[Layer] | None = None  # opened from the headers on first open
+
+
+def stored_images(served: "Image | VirtualDisk") -> list[Image]:
+    """The stored files a served disk reads: the image itself, or every file of its chain."""
+    if isinstance(served, Image):
+        return [served]
+    return [image for link in served.links for image in link.images]

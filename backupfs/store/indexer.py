@@ -1,22 +1,28 @@
 """`backupfs index STORE_DIR`: write the metadata that makes a directory of images servable.
 
-Work is incremental: a snapshot whose images still have the size and mtime recorded in
-its `.backupfs/snapshot.json` is not hashed again.
+Each file's format comes from its header (probing.py); chains are resolved across the
+whole store (chains.py). Work is incremental: an image that still has the size and mtime
+recorded in its snapshot's `.backupfs/snapshot.json` is not hashed again.
 """
 
+import dataclasses
 import datetime
 import hashlib
 import logging
 import os
 import re
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from backupfs.errors import ManifestError, UserError
 from backupfs.linux.atomicfile import atomic_writer, write_atomic
 from backupfs.store import manifest
+from backupfs.store.chains import ParentMap, broken_chains, resolve_parent
 from backupfs.store.digestfile import INDEX_SUFFIX, write_digests
+from backupfs.store.formats.base import ParentRef
 from backupfs.store.manifest import Catalogue, DiskEntry, SnapshotEntry
+from backupfs.store.probing import find_images
 
 log = logging.getLogger(__name__)
 DEFAULT_BLOCK_SIZE = 64 << 10  # small reads fetch little; bench/run.py: no loss for large ones
@@ -71,68 +77,121 @@ def _previous(snap_dir: Path) -> SnapshotEntry | None:
         return None
 
 
+def _hashed(
+    path: Path, block_size: int, old: DiskEntry | None, say: Callable[[str], None]
+) -> DiskEntry:
+    """The stored file's entry, with its digest file and chunk index written, or `old`'s
+    when the file did not change since (same size, mtime and block size, files there)."""
+    st = path.stat()
+    digest_file = path.parent / manifest.META_DIR / f"{path.name}.sha256"
+    if (
+        old is not None
+        and old.size_bytes == st.st_size
+        and old.mtime_ns == st.st_mtime_ns
+        and old.block_size == block_size
+        and old.digest_index_sha256 is not None  # else a format 1 entry: hashed again
+        and digest_file.exists()
+        and digest_file.with_name(digest_file.name + INDEX_SUFFIX).exists()
+    ):
+        return DiskEntry(old.name, old.size_bytes, old.mtime_ns, old.block_size,
+                         digest_index_sha256=old.digest_index_sha256)  # fmt: skip
+    say(f"hashing {path.relative_to(path.parents[2])} ({st.st_size} bytes)")
+    index = hash_image(path, st.st_size, block_size, digest_file)
+    return DiskEntry(
+        name=path.name,
+        size_bytes=st.st_size,
+        mtime_ns=st.st_mtime_ns,
+        block_size=block_size,
+        digest_index_sha256=hashlib.sha256(index).hexdigest(),
+    )
+
+
+@dataclass
+class _Snapshot:
+    host: str
+    name: str
+    disks: list[DiskEntry]
+    parents: dict[str, ParentRef]  # disk name -> the parent it names
+    previous: SnapshotEntry | None
+
+
 def index_snapshot(
     store: Path, host: str, snap: str, block_size: int, say: Callable[[str], None]
-) -> SnapshotEntry | None:
+) -> _Snapshot | None:
+    """Hash what changed in one snapshot directory; parents are resolved by index_store."""
     snap_dir = store / host / snap
-    images = []
-    for path in sorted(snap_dir.iterdir()):
-        if path.name == manifest.META_DIR:
-            continue
-        if not path.is_file():
-            say(f"skipped {path}: not a regular file")
-        elif not path.name.endswith(IMAGE_SUFFIX):
-            say(f"skipped {path}: not a {IMAGE_SUFFIX} file (raw images are indexed by that name)")
-        elif _usable_name(path, "disk", say):
-            images.append(path)
+    images = find_images(snap_dir, say)
     if not images:
         return None
     previous = _previous(snap_dir)
     known = {d.name: d for d in previous.disks} if previous else {}
-    meta_dir = snap_dir / manifest.META_DIR
-    meta_dir.mkdir(exist_ok=True)
-    disks = []
+    (snap_dir / manifest.META_DIR).mkdir(exist_ok=True)
+    disks, parents = [], {}
     for image in images:
-        st = image.stat()
-        old = known.get(image.name)
-        digest_file = store / manifest.digests_path(host, snap, image.name)
-        if (
-            old is not None
-            and old.size_bytes == st.st_size
-            and old.mtime_ns == st.st_mtime_ns
-            and old.block_size == block_size
-            and old.digest_index_sha256 is not None  # else a format 1 entry: hashed again
-            and digest_file.exists()
-            and digest_file.with_name(digest_file.name + INDEX_SUFFIX).exists()
-        ):
-            disks.append(old)
-            continue
-        say(f"hashing {host}/{snap}/{image.name} ({st.st_size} bytes)")
-        index = hash_image(image, st.st_size, block_size, digest_file)
-        disks.append(
-            DiskEntry(
-                name=image.name,
-                size_bytes=st.st_size,
-                mtime_ns=st.st_mtime_ns,
-                block_size=block_size,
-                digest_index_sha256=hashlib.sha256(index).hexdigest(),
+        old = known.get(image.path.name)
+        old_extents = {e.name: e for e in old.extents} if old else {}
+        entry = _hashed(image.path, block_size, old, say)
+        extents = tuple(_hashed(e, block_size, old_extents.get(e.name), say) for e in image.extents)
+        if image.format != "raw":
+            entry = dataclasses.replace(
+                entry, format=image.format, virtual_size=image.virtual_size, extents=extents
             )
-        )
-    time_ns = snapshot_time_ns(snap, max(d.mtime_ns for d in disks))
-    entry = SnapshotEntry(host=host, name=snap, time_ns=time_ns, disks=tuple(disks))
-    if entry != previous:
-        write_atomic(meta_dir / manifest.SNAPSHOT_META_NAME, manifest.dump_snapshot_meta(entry))
+        if image.parent is not None:
+            parents[entry.name] = image.parent
+        disks.append(entry)
+    return _Snapshot(host, snap, disks, parents, previous)
+
+
+def _resolve_parents(
+    snapshots: list[_Snapshot], maps: list[ParentMap], say: Callable[[str], None]
+) -> None:
+    """Set each disk's parent to the store path of the image it names; leave out (and
+    say) the disks whose parent is not in the store and those whose chain is broken."""
+    known = {f"{s.host}/{s.name}/{d.name}": d for s in snapshots for d in s.disks}
+    parents: dict[str, str | None] = {}
+    for snap in snapshots:
+        for disk in snap.disks:
+            path, ref = f"{snap.host}/{snap.name}/{disk.name}", snap.parents.get(disk.name)
+            try:
+                parents[path] = (
+                    None
+                    if ref is None
+                    else resolve_parent(ref.path, f"{snap.host}/{snap.name}", known, maps)
+                )
+            except ValueError as exc:
+                say(f"skipped {snap.host}/{snap.name}/{disk.name}: {exc}")
+    bad = broken_chains(parents)
+    for path, reason in sorted(bad.items()):
+        say(f"skipped {path}: {reason}")
+    for snap in snapshots:
+        kept = []
+        for disk in snap.disks:
+            path = f"{snap.host}/{snap.name}/{disk.name}"
+            if path in parents and path not in bad:
+                kept.append(dataclasses.replace(disk, parent=parents[path]))
+        snap.disks = kept
+
+
+def _entry(snap: _Snapshot, store: Path) -> SnapshotEntry:
+    time_ns = snapshot_time_ns(snap.name, max((d.mtime_ns for d in snap.disks), default=0))
+    entry = SnapshotEntry(snap.host, snap.name, time_ns, tuple(snap.disks))
+    if entry != snap.previous:
+        meta = store / snap.host / snap.name / manifest.META_DIR / manifest.SNAPSHOT_META_NAME
+        write_atomic(meta, manifest.dump_snapshot_meta(entry))
     return entry
 
 
 def index_store(
-    store: Path, block_size: int = DEFAULT_BLOCK_SIZE, say: Callable[[str], None] = print
+    store: Path,
+    block_size: int = DEFAULT_BLOCK_SIZE,
+    say: Callable[[str], None] = print,
+    parent_maps: list[ParentMap] | None = None,
 ) -> Catalogue:
     if not store.is_dir():
         raise UserError(f"{store}: not a directory")
     if not os.access(store, os.W_OK):
         raise UserError(f"{store}: not writable (index writes metadata next to the images)")
-    snapshots = []
+    found: list[_Snapshot] = []
     _skip_stray_files(store, "not in a host directory", say)
     for host_dir in sorted(p for p in store.iterdir() if p.is_dir()):
         if not _usable_name(host_dir, "host", say):
@@ -141,9 +200,10 @@ def index_store(
         for snap_dir in sorted(p for p in host_dir.iterdir() if p.is_dir()):
             if not _usable_name(snap_dir, "snapshot", say):
                 continue
-            entry = index_snapshot(store, host_dir.name, snap_dir.name, block_size, say)
-            if entry is not None:
-                snapshots.append(entry)
-    catalogue = Catalogue(tuple(snapshots))
+            snap = index_snapshot(store, host_dir.name, snap_dir.name, block_size, say)
+            if snap is not None:
+                found.append(snap)
+    _resolve_parents(found, parent_maps or [], say)
+    catalogue = Catalogue(tuple(_entry(s, store) for s in found if s.disks))
     write_atomic(store / manifest.CATALOGUE_NAME, manifest.dump_catalogue(catalogue))
     return catalogue

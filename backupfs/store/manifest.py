@@ -7,6 +7,7 @@ time_t and `time.gmtime`, a name is UTF-8), so that a hostile catalogue is refus
 with one line, and never breaks the daemon or `backupfs ls` later.
 """
 
+import dataclasses
 import json
 import re
 from dataclasses import asdict, dataclass
@@ -28,6 +29,8 @@ MAX_CATALOGUE_BYTES = 64 << 20
 _INT64_MAX = (1 << 63) - 1  # sizes are an off_t (st_size), times st_mtime_ns
 _MIN_TIME_NS = -(1 << 63)  # times before 1970 are negative, like st_mtime_ns
 _HEX64 = re.compile(r"[0-9a-f]{64}")
+DISK_FORMATS = ("raw", "qcow2", "vmdk", "vhd", "vhdx")
+MAX_EXTENT_FILES = 1024  # a twoGbMaxExtent VMDK of 2 TiB has 1024
 
 
 @dataclass(frozen=True)
@@ -38,6 +41,22 @@ class DiskEntry:
     block_size: int
     digests_sha256: str | None = None  # version 1: SHA-256 of the whole digest file
     digest_index_sha256: str | None = None  # version 2: SHA-256 of its chunk index
+    format: str = "raw"  # what the file holds: DISK_FORMATS
+    virtual_size: int | None = None  # the guest's disk, when the format is not raw
+    parent: str | None = None  # "host/snapshot/file" of the image below it in its chain
+    extents: tuple["DiskEntry", ...] = ()  # a VMDK descriptor's extent files, in order
+
+    @property
+    def served_name(self) -> str:
+        """The name the mount shows: the guest's disk as a raw `.img` whatever the format."""
+        if self.format == "raw":
+            return self.name
+        stem = self.name.rsplit(".", 1)[0] if "." in self.name else self.name
+        return stem + ".img"
+
+    @property
+    def served_size(self) -> int:
+        return self.size_bytes if self.virtual_size is None else self.virtual_size
 
 
 @dataclass(frozen=True)
@@ -108,16 +127,52 @@ def parse_disk(raw: object, version: int = VERSION) -> DiskEntry:
     block_size = _int(raw.get("block_size"), f"block_size of {name}", MIN_BLOCK_SIZE, 1 << 62)
     if block_size > MAX_BLOCK_SIZE or block_size & (block_size - 1):
         raise ManifestError(f"malformed store metadata: block_size of {name} is not a power of two")
-    if version == 1:
-        digests = {"digests_sha256": _sha256_hex(raw, "digests_sha256", name)}
-    else:
-        digests = {"digest_index_sha256": _sha256_hex(raw, "digest_index_sha256", name)}
-    return DiskEntry(
+    digest_key = "digests_sha256" if version == 1 else "digest_index_sha256"
+    entry = DiskEntry(
         name=name,
         size_bytes=_int(raw.get("size_bytes"), f"size_bytes of {name}"),
         mtime_ns=_int(raw.get("mtime_ns"), f"mtime_ns of {name}", lo=_MIN_TIME_NS),
         block_size=block_size,
-        **digests,
+    )
+    digest = _sha256_hex(raw, digest_key, name)
+    if version == 1:
+        entry = dataclasses.replace(entry, digests_sha256=digest)
+    else:
+        entry = dataclasses.replace(entry, digest_index_sha256=digest)
+    if version == 1 or raw.get("format", "raw") == "raw":
+        if any(key in raw for key in ("virtual_size", "parent", "extents")):
+            raise ManifestError(f"malformed store metadata: {name} is raw but has a chain")
+        return entry
+    return _with_format(entry, raw, version)
+
+
+def _parent_path(value: object, name: str) -> str:
+    if not isinstance(value, str) or value.count("/") != 2:
+        raise ManifestError(f"malformed store metadata: parent of {name} is not host/snapshot/file")
+    host, snap, disk = value.split("/")
+    check_name(host, "host"), check_name(snap, "snapshot"), check_name(disk, "disk")
+    return value
+
+
+def _with_format(entry: DiskEntry, raw: dict[str, Any], version: int) -> DiskEntry:
+    """The format, virtual size, parent and extent files of a disk that is not raw."""
+    name, fmt = entry.name, raw.get("format")
+    if fmt not in DISK_FORMATS:
+        raise ManifestError(f"malformed store metadata: format of {name} is not one of "
+                            f"{', '.join(DISK_FORMATS)}")  # fmt: skip
+    extents_raw = raw.get("extents", [])
+    if not isinstance(extents_raw, list) or len(extents_raw) > MAX_EXTENT_FILES:
+        raise ManifestError(f"malformed store metadata: extents of {name} is not a short list")
+    extents = tuple(parse_disk(e, version) for e in extents_raw)
+    if any(e.format != "raw" for e in extents):
+        raise ManifestError(f"malformed store metadata: an extent file of {name} is not raw")
+    parent = raw.get("parent")
+    return dataclasses.replace(
+        entry,
+        format=str(fmt),
+        virtual_size=_int(raw.get("virtual_size"), f"virtual_size of {name}"),
+        parent=None if parent is None else _parent_path(parent, name),
+        extents=extents,
     )
 
 
@@ -131,6 +186,7 @@ def parse_snapshot(raw: object, version: int = VERSION) -> SnapshotEntry:
         raise ManifestError(f"malformed store metadata: disks of {host}/{name} is not a list")
     disks = tuple(parse_disk(d, version) for d in disks_raw)
     _no_duplicates([d.name for d in disks], f"disk in {host}/{name}")
+    _no_duplicates([d.served_name for d in disks], f"served disk in {host}/{name}")
     return SnapshotEntry(host, name, _int(raw.get("time_ns"), "time_ns", lo=_MIN_TIME_NS), disks)
 
 
@@ -190,10 +246,19 @@ def _header() -> dict[str, Any]:
     return {"format": FORMAT, "version": VERSION}
 
 
+def _disk_doc(disk: dict[str, Any]) -> dict[str, Any]:
+    """A disk entry as JSON, without the keys at their defaults (the other version's digest
+    key, the chain of a raw disk)."""
+    defaults: dict[str, Any] = {"format": "raw", "extents": ()}
+    doc = {k: v for k, v in disk.items() if v is not None and defaults.get(k, ...) != v}
+    if "extents" in doc:
+        doc["extents"] = [_disk_doc(e) for e in doc["extents"]]
+    return doc
+
+
 def _snapshot_doc(snapshot: SnapshotEntry) -> dict[str, Any]:
-    """A snapshot entry as JSON, without the digest key of the other format version."""
     doc = asdict(snapshot)
-    doc["disks"] = [{k: v for k, v in d.items() if v is not None} for d in doc["disks"]]
+    doc["disks"] = [_disk_doc(d) for d in doc["disks"]]
     return doc
 
 

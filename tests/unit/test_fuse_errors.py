@@ -21,6 +21,7 @@ from backupfs.mount.fuse_ops import BackupFsOps
 from backupfs.mount.tree import ROOT_INODE, Tree
 from backupfs.readpath.cache import BlockCache
 from backupfs.readpath.readahead import ReadaheadConfig, StreamTracker
+from backupfs.readpath.vdisk import DiskReader
 from backupfs.stats import Stats
 from backupfs.store.image import Image
 
@@ -50,6 +51,9 @@ class FakeDigests:
         if self.error is not None:
             raise self.error
 
+    async def ensure_served(self, image: Image) -> None:
+        await self.ensure(image)
+
 
 def _image(size: int = 1 << 20, image_id: int = DISK) -> Image:
     return Image(image_id, f"http://x/{image_id}.img", size, 4096, 4096)
@@ -65,7 +69,7 @@ def _ops(tree: Tree | None = None) -> BackupFsOps:
     sources = StatsSources("http://x/", stats, BlockCache(1 << 20, stats), 1 << 20, 1 << 20, 0.0)
     reader: Any = FakeReader()
     digests: Any = FakeDigests()
-    return BackupFsOps(tree, reader, digests, ReadaheadConfig(), False, sources)
+    return BackupFsOps(tree, DiskReader(reader), digests, ReadaheadConfig(), False, sources)
 
 
 def _raise(exc: Exception) -> Callable[..., Any]:
@@ -111,7 +115,7 @@ async def test_a_bug_below_a_handler_is_eio_and_one_log_line_with_its_traceback(
 async def test_read_and_release_answer_too(caplog: pytest.LogCaptureFixture) -> None:
     ops = _ops()
     fh = (await ops.open(DISK, 0, CTX)).fh
-    ops.reader.error = Boom("bug")  # type: ignore[attr-defined]
+    ops.disks.reader.error = Boom("bug")  # type: ignore[attr-defined]
     assert await _errno_of(ops.read(fh, 0, 4096)) == errno.EIO
     assert await _errno_of(ops.read(fh + 100, 0, 4096)) == errno.EBADF  # never opened
     ops._handles = _Unpoppable()  # type: ignore[assignment]
@@ -137,7 +141,7 @@ async def test_the_expected_failures_keep_their_errno_and_their_one_line(
     assert await _errno_of(ops.open(DISK, 0, CTX)) == errno.EIO
     ops.digests.error = None  # type: ignore[attr-defined]
     fh = (await ops.open(DISK, 0, CTX)).fh
-    ops.reader.error = FetchError("HTTP 500", transient=True)  # type: ignore[attr-defined]
+    ops.disks.reader.error = FetchError("HTTP 500", transient=True)  # type: ignore[attr-defined]
     assert await _errno_of(ops.read(fh, 0, 10)) == errno.EIO
     logged = [(r.levelno, r.getMessage(), r.exc_info) for r in caplog.records
               if r.levelno >= logging.WARNING]  # fmt: skip

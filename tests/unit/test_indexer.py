@@ -216,15 +216,15 @@ def test_misplaced_images_are_listed_not_silently_ignored(
     root, images = store
     _write(root / "stray.img", b"a" * 10)
     _write(root / "alpha/disk0.img", b"b" * 10)
-    _write(root / "alpha/2026-11-20T0300Z/disk1.raw", b"c" * 10)
+    _write(root / "alpha/2026-11-20T0300Z/disk1.bin", b"c" * 10)
     (root / "alpha/2026-11-20T0300Z/sub").mkdir()
     say = Say()
     cat = indexer.index_store(root, block_size=BS, say=say)
     _check_indexed(root, images, cat)
     skipped = sorted(line for line in say.lines if line.startswith("skipped "))
     assert skipped == [
-        f"skipped {root}/alpha/2026-11-20T0300Z/disk1.raw: not a .img file "
-        "(raw images are indexed by that name)",
+        f"skipped {root}/alpha/2026-11-20T0300Z/disk1.bin: not a disk image (no qcow2, VMDK, "
+        "VHD or VHDX header; raw images are indexed by the names *.img and *.raw)",
         f"skipped {root}/alpha/2026-11-20T0300Z/sub: not a regular file",
         f"skipped {root}/alpha/disk0.img: not in a snapshot directory "
         "(images go in STORE/HOST/SNAPSHOT/DISK.img)",

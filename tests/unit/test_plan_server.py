@@ -66,6 +66,9 @@ class FakeDigests:
     async def ensure(self, image: Image) -> None:
         await trio.lowlevel.checkpoint()
 
+    async def ensure_served(self, image: Image) -> None:
+        await self.ensure(image)
+
 
 def _server(
     reader: FakeReader | None = None, size: int = SIZE, **limits: float

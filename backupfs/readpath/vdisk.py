@@ -1,0 +1,233 @@
+"""Reading what a file of the mount serves (`DiskReader`): a raw image goes straight to
+the block reader; a virtual disk (qcow2, VMDK, VHD, VHDX, and their chains) goes through
+its layers' tables, which are blocks of stored images like any other: fetched, verified
+and cached by BlockReader.
+
+A read of virtual `[start, end)` asks the top layer which table pieces it needs, reads
+them, maps the range into extents and reads each: DATA from a stored file, COMPRESSED
+units decompressed in a worker thread (and kept a while: one unit serves many reads),
+ZERO made here, PARENT read from the next layer at the same virtual offsets (zeros past
+a smaller parent). Extents are read concurrently; the whole read has the block reader's
+deadline. Readahead follows the virtual stream: the window the stream tracker asks for
+is mapped in the background and its stored ranges prefetched.
+"""
+
+import logging
+from collections.abc import Hashable
+
+import trio
+from cachetools import LRUCache
+
+from backupfs.errors import FetchError, FormatError
+from backupfs.readpath.blocks import BlockReader
+from backupfs.readpath.plans import PlanCursor
+from backupfs.readpath.readahead import StreamTracker
+from backupfs.store.formats.base import Extent, Kind, Layer, TableRead, check_read
+from backupfs.store.formats.registry import LAYERS
+from backupfs.store.image import ChainLink, Image, VirtualDisk
+
+log = logging.getLogger(__name__)
+Served = Image | VirtualDisk  # what a file of the mount serves
+UNIT_CACHE_BYTES = 16 << 20  # decompressed clusters/grains kept for the reads that follow
+MAX_OPEN_ROUNDS = 16
+
+
+class DiskReader:
+    def __init__(self, reader: BlockReader) -> None:
+        self.reader = reader
+        self._locks: dict[int, trio.Lock] = {}
+        self._units: LRUCache[Hashable, bytes] = LRUCache(UNIT_CACHE_BYTES, getsizeof=len)
+        self._reading_ahead: set[int] = set()  # disks with a readahead task running
+
+    async def open(self, disk: VirtualDisk) -> None:
+        """Read every layer's header and first-level tables (once per disk)."""
+        if disk.layers is not None:
+            return
+        async with self._locks.setdefault(disk.disk_id, trio.Lock()):
+            if disk.layers is None:
+                layers = [await self._open_link(link) for link in disk.links]
+                if layers[0].virtual_size != disk.size_bytes:
+                    raise FormatError(
+                        f"{disk.name}: virtual size {layers[0].virtual_size} in its header, "
+                        f"{disk.size_bytes} in the catalogue"
+                    )
+                disk.layers = layers
+
+    async def _open_link(self, link: ChainLink) -> Layer:
+        top = link.images[0]
+        name = top.url.rsplit("/", 1)[-1]
+        layer = LAYERS[link.format](name, top.size_bytes)
+        sizes = [i.size_bytes for i in link.images]
+        for _ in range(MAX_OPEN_ROUNDS):
+            reads = layer.open_reads()
+            if not reads:
+                if len(layer.files) != len(link.images) - 1:
+                    raise FormatError(f"{name}: its extent files are not the catalogue's")
+                return layer
+            for read in reads:
+                check_read(layer, read, sizes, name)
+                layer.load(read, await self._stored(link, read))
+        raise FormatError(f"{name}: {layer.format} header does not end")
+
+    async def _stored(self, link: ChainLink, read: TableRead) -> bytes:
+        return await self.reader.read(link.images[read.file], read.offset, read.length)
+
+    async def read(
+        self, disk: Served, offset: int, size: int, tracker: StreamTracker | None = None
+    ) -> bytes:
+        """Exactly `size` bytes at virtual `offset`, fewer only at the end; FetchError,
+        FormatError (a table that breaks the format's rules)."""
+        if isinstance(disk, Image):
+            return await self.reader.read(disk, offset, size, tracker)
+        await self.open(disk)
+        end = min(offset + size, disk.size_bytes)
+        if offset >= end:
+            return b""
+        if tracker is not None:
+            self._read_ahead(disk, offset, end - offset, tracker)
+        with trio.move_on_after(self.reader.config.read_deadline_s):
+            return await self._read_layer(disk, 0, offset, end)
+        raise FetchError(f"no data within {self.reader.config.read_deadline_s:g}s", transient=True)
+
+    async def extents(self, disk: VirtualDisk, depth: int, start: int, end: int) -> list[Extent]:
+        """Virtual `[start, end)` of layer `depth` as extents (its tables read as needed)."""
+        assert disk.layers is not None
+        layer, link = disk.layers[depth], disk.links[depth]
+        sizes = [i.size_bytes for i in link.images]
+        name = link.images[0].url.rsplit("/", 1)[-1]
+        tables: dict[TableRead, bytes] = {}
+        for read in layer.table_reads(start, end):
+            check_read(layer, read, sizes, name)
+            tables[read] = await self._stored(link, read)
+        extents = layer.map(start, end, tables)
+        _check_extents(extents, start, end, sizes, name)
+        return extents
+
+    async def _read_layer(self, disk: VirtualDisk, depth: int, start: int, end: int) -> bytes:
+        extents = await self.extents(disk, depth, start, end)
+        if len(extents) == 1:
+            return await self._extent_bytes(disk, depth, extents[0])
+        parts: list[bytes] = [b""] * len(extents)
+        failed: list[Exception] = []
+
+        async def one(i: int, extent: Extent) -> None:
+            try:
+                parts[i] = await self._extent_bytes(disk, depth, extent)
+            except (FetchError, FormatError) as exc:  # the first one is the read's error
+                failed.append(exc)
+
+        async with trio.open_nursery() as nursery:
+            for i, extent in enumerate(extents):
+                nursery.start_soon(one, i, extent)
+        if failed:
+            raise failed[0]
+        return b"".join(parts)
+
+    async def _extent_bytes(self, disk: VirtualDisk, depth: int, extent: Extent) -> bytes:
+        assert disk.layers is not None
+        link = disk.links[depth]
+        if extent.kind is Kind.ZERO:
+            return bytes(extent.length)
+        if extent.kind is Kind.DATA:
+            return await self._stored(link, TableRead(extent.file, extent.offset, extent.length))
+        if extent.kind is Kind.COMPRESSED:
+            unit = await self._unit(disk.layers[depth], link, extent)
+            lo = extent.start - extent.unit_start
+            return unit[lo : lo + extent.length]
+        if depth + 1 == len(disk.layers):  # nothing below: unallocated is zeros
+            return bytes(extent.length)
+        below_end = min(extent.start + extent.length, disk.layers[depth + 1].virtual_size)
+        below = b""
+        if extent.start < below_end:
+            below = await self._read_layer(disk, depth + 1, extent.start, below_end)
+        return below + bytes(extent.length - len(below))  # past a smaller parent: zeros
+
+    async def _unit(self, layer: Layer, link: ChainLink, extent: Extent) -> bytes:
+        key = (link.images[extent.file].image_id, extent.offset)
+        unit = self._units.get(key)
+        if unit is None:
+            read = TableRead(extent.file, extent.offset, extent.stored_length)
+            stored = await self._stored(link, read)
+            unit = await trio.to_thread.run_sync(layer.decompress, extent, stored)
+            if len(unit) != extent.unit_length:
+                raise FormatError(f"{layer.format} unit at {extent.offset} inflated wrongly")
+            self._units[key] = unit
+        return unit
+
+    def _read_ahead(
+        self, disk: VirtualDisk, offset: int, size: int, tracker: StreamTracker
+    ) -> None:
+        ahead = tracker.on_read(offset, size, self.reader.readahead_limit())
+        if ahead is not None and disk.disk_id not in self._reading_ahead:
+            self._reading_ahead.add(disk.disk_id)
+            self.reader.nursery.start_soon(self._prefetch, disk, *ahead)
+
+    async def _prefetch(self, disk: VirtualDisk, start: int, end: int) -> None:
+        """Start fetching the stored ranges behind virtual `[start, end)`; failures only
+        cost the readahead (the read that needs the bytes reports them)."""
+        try:
+            await self.prefetch(disk, start, end)
+        except (FetchError, FormatError) as exc:
+            log.debug("readahead of %s stopped: %s", disk.name, exc)
+        finally:
+            self._reading_ahead.discard(disk.disk_id)
+
+    async def plan(
+        self, disk: Served, start: int, end: int, cursor: PlanCursor, position: int
+    ) -> None:
+        """BlockReader.plan of what `[start, end)` of a served disk reads."""
+        for image, lo, hi in await self.stored_ranges(disk, start, end):
+            self.reader.plan(image, lo, hi, cursor, position)
+
+    async def prefetch(self, disk: Served, start: int, end: int) -> None:
+        """BlockReader.prefetch of what `[start, end)` of a served disk reads."""
+        for image, lo, hi in await self.stored_ranges(disk, start, end):
+            self.reader.prefetch(image, lo, hi)
+
+    async def fetched(self, disk: Served, start: int, end: int) -> None:
+        """Return once what `[start, end)` of a served disk reads is in the cache."""
+        for image, lo, hi in await self.stored_ranges(disk, start, end):
+            await self.reader.fetched(image, lo, hi)
+
+    async def stored_ranges(
+        self, disk: Served, start: int, end: int
+    ) -> list[tuple[Image, int, int]]:
+        """The ranges of stored images that virtual `[start, end)` reads, down the chain:
+        what a read plan or readahead fetches. Zeros cost nothing."""
+        if isinstance(disk, Image):
+            return [(disk, start, min(end, disk.size_bytes))] if start < end else []
+        await self.open(disk)
+        assert disk.layers is not None
+        end = min(end, disk.size_bytes)
+        out: list[tuple[Image, int, int]] = []
+        todo = [(0, start, end)] if start < end else []
+        while todo:
+            depth, lo, hi = todo.pop()
+            link = disk.links[depth]
+            for e in await self.extents(disk, depth, lo, hi):
+                if e.kind is Kind.DATA:
+                    out.append((link.images[e.file], e.offset, e.offset + e.length))
+                elif e.kind is Kind.COMPRESSED:
+                    out.append((link.images[e.file], e.offset, e.offset + e.stored_length))
+                elif e.kind is Kind.PARENT and depth + 1 < len(disk.layers):
+                    top = min(e.start + e.length, disk.layers[depth + 1].virtual_size)
+                    if e.start < top:
+                        todo.append((depth + 1, e.start, top))
+        return out
+
+
+def _check_extents(
+    extents: list[Extent], start: int, end: int, sizes: list[int], name: str
+) -> None:
+    """A layer's answer covers `[start, end)` exactly, in order, within its files."""
+    pos = start
+    for e in extents:
+        if e.start != pos or e.length <= 0:
+            raise FormatError(f"{name}: extents do not cover the read")
+        if e.kind in (Kind.DATA, Kind.COMPRESSED):
+            stored = e.length if e.kind is Kind.DATA else e.stored_length
+            if not 0 <= e.file < len(sizes) or e.offset < 0 or e.offset + stored > sizes[e.file]:
+                raise FormatError(f"{name}: data at offset {e.offset} is past the end of the file")
+        pos += e.length
+    if pos != end:
+        raise FormatError(f"{name}: extents do not cover the read")
