@@ -19,6 +19,7 @@ import trio
 from cachetools import LRUCache
 
 from backupfs.errors import FetchError, FormatError
+from backupfs.ranges import block_range
 from backupfs.readpath.blocks import BlockReader
 from backupfs.readpath.plans import PlanCursor
 from backupfs.readpath.readahead import StreamTracker
@@ -83,10 +84,13 @@ class DiskReader:
         end = min(offset + size, disk.size_bytes)
         if offset >= end:
             return b""
-        if tracker is not None:
-            self._read_ahead(disk, offset, end - offset, tracker)
+        note = _ReadNote()
         with trio.move_on_after(self.reader.config.read_deadline_s):
-            return await self._read_layer(disk, 0, offset, end)
+            data = await self._read_layer(disk, 0, offset, end, note)
+            # Reads of planned blocks say nothing about what comes next (as for raw images).
+            if tracker is not None and not (note.data and note.planned):
+                self._read_ahead(disk, offset, end - offset, tracker)
+            return data
         raise FetchError(f"no data within {self.reader.config.read_deadline_s:g}s", transient=True)
 
     async def extents(self, disk: VirtualDisk, depth: int, start: int, end: int) -> list[Extent]:
@@ -103,16 +107,18 @@ class DiskReader:
         _check_extents(extents, start, end, sizes, name)
         return extents
 
-    async def _read_layer(self, disk: VirtualDisk, depth: int, start: int, end: int) -> bytes:
+    async def _read_layer(
+        self, disk: VirtualDisk, depth: int, start: int, end: int, note: "_ReadNote"
+    ) -> bytes:
         extents = await self.extents(disk, depth, start, end)
         if len(extents) == 1:
-            return await self._extent_bytes(disk, depth, extents[0])
+            return await self._extent_bytes(disk, depth, extents[0], note)
         parts: list[bytes] = [b""] * len(extents)
         failed: list[Exception] = []
 
         async def one(i: int, extent: Extent) -> None:
             try:
-                parts[i] = await self._extent_bytes(disk, depth, extent)
+                parts[i] = await self._extent_bytes(disk, depth, extent, note)
             except (FetchError, FormatError) as exc:  # the first one is the read's error
                 failed.append(exc)
 
@@ -123,11 +129,16 @@ class DiskReader:
             raise failed[0]
         return b"".join(parts)
 
-    async def _extent_bytes(self, disk: VirtualDisk, depth: int, extent: Extent) -> bytes:
+    async def _extent_bytes(
+        self, disk: VirtualDisk, depth: int, extent: Extent, note: "_ReadNote"
+    ) -> bytes:
         assert disk.layers is not None
         link = disk.links[depth]
         if extent.kind is Kind.ZERO:
             return bytes(extent.length)
+        if extent.kind in (Kind.DATA, Kind.COMPRESSED):
+            stored = extent.length if extent.kind is Kind.DATA else extent.stored_length
+            note.saw(self.reader, link.images[extent.file], extent.offset, stored)
         if extent.kind is Kind.DATA:
             return await self._stored(link, TableRead(extent.file, extent.offset, extent.length))
         if extent.kind is Kind.COMPRESSED:
@@ -139,7 +150,7 @@ class DiskReader:
         below_end = min(extent.start + extent.length, disk.layers[depth + 1].virtual_size)
         below = b""
         if extent.start < below_end:
-            below = await self._read_layer(disk, depth + 1, extent.start, below_end)
+            below = await self._read_layer(disk, depth + 1, extent.start, below_end, note)
         return below + bytes(extent.length - len(below))  # past a smaller parent: zeros
 
     async def _unit(self, layer: Layer, link: ChainLink, extent: Extent) -> bytes:
@@ -213,7 +224,33 @@ class DiskReader:
                     top = min(e.start + e.length, disk.layers[depth + 1].virtual_size)
                     if e.start < top:
                         todo.append((depth + 1, e.start, top))
-        return out
+        return _coalesced(out)
+
+
+class _ReadNote:
+    """What one read touched: whether it read stored data, and whether all of it was
+    planned or hinted (checked before the read consumes the plan's blocks)."""
+
+    def __init__(self) -> None:
+        self.data, self.planned = False, True
+
+    def saw(self, reader: BlockReader, image: Image, offset: int, length: int) -> None:
+        self.data = True
+        if self.planned:
+            blocks = block_range(offset, length, image.block_size, image.size_bytes)
+            self.planned = reader.plans.active and reader.plans.covers(image, blocks)
+
+
+def _coalesced(ranges: list[tuple[Image, int, int]]) -> list[tuple[Image, int, int]]:
+    """Ranges of one image that touch or overlap made one (compressed clusters lie end
+    to end, and share sectors): one fetch, and planned bytes counted once."""
+    out: list[tuple[Image, int, int]] = []
+    for image, lo, hi in sorted(ranges, key=lambda r: (r[0].image_id, r[1])):
+        if out and out[-1][0] is image and lo <= out[-1][2]:
+            out[-1] = (image, out[-1][1], max(hi, out[-1][2]))
+        else:
+            out.append((image, lo, hi))
+    return out
 
 
 def _check_extents(
