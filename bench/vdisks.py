@@ -137,6 +137,8 @@ def main() -> None:
     parser.add_argument("--tree-source", default=None, help="a directory instead of debootstrap")
     parser.add_argument("--big-mib", type=int, default=1024)
     parser.add_argument("--mirror", default="http://deb.debian.org/debian")
+    parser.add_argument("--kinds", default=",".join(KINDS), help="a subset of " + ",".join(KINDS))
+    parser.add_argument("--workloads", default="tree,big")
     parser.add_argument("--work", type=Path, default=Path(__file__).parent / "out" / "suite")
     args = parser.parse_args()
     ds = prepare(args.work, args.tree_source, args.big_mib, args.mirror)
@@ -144,8 +146,8 @@ def main() -> None:
     build(ds.store, store)
     rows: list[Row] = []
     with Nginx(store, args.work / "vdisks-nginx") as nginx:
-        for workload in ("tree", "big"):
-            for kind in KINDS:
+        for workload in args.workloads.split(","):
+            for kind in args.kinds.split(","):
                 runs = []
                 for _ in range(args.runs):
                     with (
@@ -160,7 +162,7 @@ def main() -> None:
           f"{'CPU s/GB':>9}")  # fmt: skip
     raw = {r.workload: r for r in rows if r.kind == "raw"}
     for r in rows:
-        ratio = r.seconds / raw[r.workload].seconds
+        ratio = r.seconds / raw[r.workload].seconds if r.workload in raw else float("nan")
         print(f"{r.workload:<9} {r.kind:<11} {r.seconds:>8.1f} {ratio:>7.2f} "
               f"{r.fetched / 1e6:>11.1f} {r.cpu_s / (r.restored / 1e9):>9.2f}")  # fmt: skip
 

@@ -30,6 +30,7 @@ from backupfs.store.image import ChainLink, Image, VirtualDisk
 log = logging.getLogger(__name__)
 Served = Image | VirtualDisk  # what a file of the mount serves
 UNIT_CACHE_BYTES = 16 << 20  # decompressed clusters/grains kept for the reads that follow
+TABLE_CACHE_BYTES = 8 << 20  # blocks of second-level tables (L2, grain tables, bitmaps)
 MAX_OPEN_ROUNDS = 16
 
 
@@ -38,6 +39,7 @@ class DiskReader:
         self.reader = reader
         self._locks: dict[int, trio.Lock] = {}
         self._units: LRUCache[Hashable, bytes] = LRUCache(UNIT_CACHE_BYTES, getsizeof=len)
+        self._tables: LRUCache[Hashable, bytes] = LRUCache(TABLE_CACHE_BYTES, getsizeof=len)
         self._reading_ahead: set[int] = set()  # disks with a readahead task running
 
     async def open(self, disk: VirtualDisk) -> None:
@@ -73,6 +75,24 @@ class DiskReader:
     async def _stored(self, link: ChainLink, read: TableRead) -> bytes:
         return await self.reader.read(link.images[read.file], read.offset, read.length)
 
+    async def _table(self, link: ChainLink, read: TableRead) -> bytes:
+        """A slice of a second-level table. Every read of a disk asks for a few entries of
+        one, at each depth of its chain: the table's blocks are kept here (verified, as
+        the block reader gave them), so most of those cost a dict lookup."""
+        image = link.images[read.file]
+        bs = image.block_size
+        first, last = read.offset // bs, (read.offset + read.length - 1) // bs
+        kept = [self._tables.get((image.image_id, n)) for n in range(first, last + 1)]
+        blocks = [b for b in kept if b is not None]
+        if len(blocks) != len(kept):
+            span = await self.reader.read(image, first * bs, (last + 1 - first) * bs)
+            blocks = [span[i : i + bs] for i in range(0, len(span), bs)]
+            for n, block in enumerate(blocks, first):
+                self._tables[(image.image_id, n)] = block
+        data = b"".join(blocks)
+        lo = read.offset - first * bs
+        return data[lo : lo + read.length]
+
     async def read(
         self, disk: Served, offset: int, size: int, tracker: StreamTracker | None = None
     ) -> bytes:
@@ -102,7 +122,7 @@ class DiskReader:
         tables: dict[TableRead, bytes] = {}
         for read in layer.table_reads(start, end):
             check_read(layer, read, sizes, name)
-            tables[read] = await self._stored(link, read)
+            tables[read] = await self._table(link, read)
         extents = layer.map(start, end, tables)
         _check_extents(extents, start, end, sizes, name)
         return extents
@@ -243,7 +263,9 @@ class _ReadNote:
 
 def _coalesced(ranges: list[tuple[Image, int, int]]) -> list[tuple[Image, int, int]]:
     """Ranges of one image that touch or overlap made one (compressed clusters lie end
-    to end, and share sectors): one fetch, and planned bytes counted once."""
+    to end, and share sectors): one fetch, and planned bytes counted once. Ranges with
+    a gap stay apart: in a chain the gaps are clusters that images above hold, and
+    fetching them too was measured to cost bytes and win no time (docs/benchmarks.md)."""
     out: list[tuple[Image, int, int]] = []
     for image, lo, hi in sorted(ranges, key=lambda r: (r[0].image_id, r[1])):
         if out and out[-1][0] is image and lo <= out[-1][2]:
