@@ -273,3 +273,34 @@ def test_restore_from_the_top_of_the_chain_uses_a_read_plan(
     assert after["plan_bytes"] - before["plan_bytes"] >= summary["planned_bytes"] // 2
     for rel, digest in chain.trees[2].items():
         assert sha256_file(dest / rel) == digest, rel
+
+
+def test_a_damaged_table_is_eio_for_its_range_only(tmp_path: Path) -> None:
+    """An L2 entry that points past the end of the file passes the index (L2 tables are
+    read when a range needs them) and fails the reads of its cluster with EIO; the rest of
+    the disk reads right and the mount stays up."""
+    store, mnt = tmp_path / "store", tmp_path / "mnt"
+    snap = store / "h" / "2026-11-01"
+    snap.mkdir(parents=True)
+    mnt.mkdir()
+    raw = tmp_path / "src.raw"
+    raw.write_bytes(random.Random(5).randbytes(4 * MiB))
+    image = snap / "disk0.qcow2"
+    qemu_img("convert", "-f", "raw", "-O", "qcow2", str(raw), str(image))
+    data = bytearray(image.read_bytes())
+    l1 = int.from_bytes(data[40:48], "big")
+    l2 = int.from_bytes(data[l1 : l1 + 8], "big") & 0x00FF_FFFF_FFFF_FE00
+    data[l2 + 8 : l2 + 16] = ((1 << 63) | (1 << 40)).to_bytes(8, "big")  # cluster 1: far away
+    image.write_bytes(bytes(data))
+    indexed = run_cli("index", str(store))
+    assert indexed.returncode == 0, indexed.stderr
+    truth = raw.read_bytes()
+    with Nginx(store, tmp_path / "nginx") as nginx, mounted(nginx.url, mnt):
+        disk = mnt / "h" / "2026-11-01" / "disk0.img"
+        with open(disk, "rb") as f:
+            with pytest.raises(OSError) as info:
+                os.pread(f.fileno(), 4096, 65536 + 100)
+            assert info.value.errno == 5  # EIO
+            assert os.pread(f.fileno(), 65536, 0) == truth[:65536]
+            assert os.pread(f.fileno(), MiB, 2 * MiB) == truth[2 * MiB : 3 * MiB]
+        assert read_stats(mnt)["bytes_fetched"] > 0  # the mount still answers

@@ -28,6 +28,17 @@ from pathlib import Path
 from typing import BinaryIO
 
 from backupfs.store.formats.crc32c import crc32c
+from backupfs.store.formats.vhdx import (  # the GUIDs of the VHDX spec
+    BAT_REGION,
+    FILE_PARAMETERS,
+    LOGICAL_SECTOR_SIZE,
+    METADATA_REGION,
+    PAGE_83_DATA,
+    PARENT_LOCATOR,
+    PHYSICAL_SECTOR_SIZE,
+    VHDX_PARENT_TYPE,
+    VIRTUAL_DISK_SIZE,
+)
 
 SECTOR = 512
 MIB = 1 << 20
@@ -221,21 +232,6 @@ def vhdx_current_header(path: Path) -> bytes:
     with open(path, "rb") as f:
         headers = [os.pread(f.fileno(), 4096, offset) for offset in (64 << 10, 128 << 10)]
     return max(headers, key=lambda h: struct.unpack_from("<Q", h, 8)[0])
-
-
-def _guid(text: str) -> bytes:
-    return uuid.UUID(text).bytes_le
-
-
-BAT_REGION = _guid("2dc27766-f623-4200-9d64-115e9bfd4a08")
-METADATA_REGION = _guid("8b7ca206-4790-4b9a-b8fe-575f050f886e")
-FILE_PARAMETERS = _guid("caa16737-fa36-4d43-b3b6-33f0aa44e76b")
-VIRTUAL_DISK_SIZE = _guid("2fa54224-cd1b-4876-b211-5dbed83bf4b8")
-PAGE_83_DATA = _guid("beca12ab-b2e6-4523-93ef-c309e000c746")
-LOGICAL_SECTOR_SIZE = _guid("8141bf1d-a96f-4709-ba47-f233a8faab5f")
-PHYSICAL_SECTOR_SIZE = _guid("cda348c7-445d-4471-9cc9-e9885251c556")
-PARENT_LOCATOR = _guid("a8d35f2d-b30b-454d-abf7-d3d84834ab0c")
-VHDX_PARENT_TYPE = _guid("b04aefb7-d19e-4a81-b789-25b8e9445913")
 
 
 def _vhdx_header(sequence: int, log_offset: int) -> bytes:

@@ -8,13 +8,13 @@ from __future__ import annotations
 import json
 import random
 import struct
-import subprocess
 import uuid
 from collections.abc import Callable
 from pathlib import Path
 
 from backupfs.store.formats import local
 from backupfs.store.formats.vhdx import VhdxLayer
+from tests.support.qemu import open_layers, qemu_img
 from tests.support.vhdwriter import MIB, make_child_raw, make_sparse_raw, write_differencing_vhdx
 
 SIZE = 48 * MIB
@@ -36,20 +36,9 @@ VIRTUAL_DISK_SIZE = uuid.UUID("2fa54224-cd1b-4876-b211-5dbed83bf4b8").bytes_le
 LOGICAL_SECTOR_SIZE = uuid.UUID("8141bf1d-a96f-4709-ba47-f233a8faab5f").bytes_le
 
 
-def qemu_img(*args: str | Path) -> str:
-    done = subprocess.run(["qemu-img", *map(str, args)], capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr
-    return done.stdout
-
-
 def open_chain(path: Path) -> list[local.LocalLayer]:
-    """The layer at `path` and its parents, each found relative to its child's directory."""
-    chain = [local.open_local(VhdxLayer, path)]
-    while (parent := chain[-1].layer.parent) is not None:
-        assert len(chain) < 8
-        path = path.parent / parent.path
-        chain.append(local.open_local(VhdxLayer, path))
-    return chain
+    """The VHDX at `path` and its parents, each found relative to its child's directory."""
+    return open_layers(VhdxLayer, path)
 
 
 def make_images(d: Path) -> Path:

@@ -7,13 +7,13 @@ import os
 import random
 import shutil
 import struct
-import subprocess
 import zlib
 from pathlib import Path
 
 from backupfs.store.formats import local, vmdk
 from backupfs.store.formats.base import Extent
 from backupfs.store.formats.vmdk import VmdkLayer
+from tests.support.qemu import qemu_img
 
 MiB, GiB = 1 << 20, 1 << 30
 SIZE = 40 * MiB + 3072  # not a whole number of grains: the last grain is short
@@ -23,10 +23,6 @@ BIG_SIZE = 2 * GiB + 8 * MiB + 1024  # two twoGbMaxExtent extents
 HEADER = struct.Struct("<4sIIQQQQIQQQB4sH")
 CHUNK = 8 * MiB
 SHA_LIMIT = 256 * MiB  # bigger disks are compared chunk by chunk
-
-
-def run(*args: str | Path) -> str:
-    return subprocess.run([str(a) for a in args], check=True, capture_output=True, text=True).stdout
 
 
 def write_scattered(path: Path, size: int, pieces: list[tuple[int, bytes]]) -> None:
@@ -48,13 +44,8 @@ def source_pieces(rng: random.Random, size: int) -> list[tuple[int, bytes]]:
     ]
 
 
-def qemu_raw(image: Path, out: Path) -> Path:
-    run("qemu-img", "convert", "-f", "vmdk", "-O", "raw", image, out)
-    return out
-
-
 def to_vmdk(raw: Path, out: Path, subformat: str) -> Path:
-    run("qemu-img", "convert", "-f", "raw", "-O", "vmdk", "-o", f"subformat={subformat}", raw, out)
+    qemu_img("convert", "-f", "raw", "-O", "vmdk", "-o", f"subformat={subformat}", raw, out)
     return out
 
 

@@ -3,21 +3,19 @@ tests/support/vhdwriter.py (qemu reads none), and hostile VHDs patched from real
 
 from __future__ import annotations
 
-import hashlib
-import json
 import random
 import shutil
 import struct
-import subprocess
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from backupfs.errors import FormatError
 from backupfs.store.formats import local
-from backupfs.store.formats.base import Extent, Kind, TableRead
+from backupfs.store.formats.base import Kind, TableRead
 from backupfs.store.formats.vhd import DYNAMIC, VhdLayer, probe
+from tests.support.qemu import assert_reads, convert_to_raw, mapped, open_layers, qemu_img, qemu_map
 from tests.support.vhdwriter import (
     MARKER,
     MIB,
@@ -45,48 +43,15 @@ HOLE = (12 * MIB, 20 * MIB)  # in base.raw
 UNCHANGED = (22 * MIB, 30 * MIB)  # in child.raw, whole blocks
 
 
-def qemu_img(*args: str | Path) -> str:
-    done = subprocess.run(["qemu-img", *map(str, args)], capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr
-    return done.stdout
-
-
-def qemu_raw(image: Path) -> bytes:
-    """What qemu reads from the VHD (a fixed VHD probes as raw: -f vpc always)."""
-    out = image.with_suffix(".qemu.raw")
-    qemu_img("convert", "-f", "vpc", "-O", "raw", image, out)
-    return out.read_bytes()
-
-
-def random_ranges(size: int, count: int = 1000, seed: int = 7) -> Iterator[tuple[int, int]]:
-    rng = random.Random(seed)
-    for _ in range(count):
-        start = rng.randrange(size)
-        yield start, rng.randint(1, min(size - start, rng.choice([512, 4096, 65536, MIB])))
-
-
 def open_chain(path: Path) -> list[local.LocalLayer]:
-    """The layer at `path` and its parents, each found relative to its child's directory."""
-    chain = [local.open_local(VhdLayer, path)]
-    while (parent := chain[-1].layer.parent) is not None:
-        assert len(chain) < 8
-        path = path.parent / parent.path
-        chain.append(local.open_local(VhdLayer, path))
-    return chain
+    """The VHD at `path` and its parents, each found relative to its child's directory."""
+    return open_layers(VhdLayer, path)
 
 
 def top(chain: list[local.LocalLayer]) -> VhdLayer:
     layer = chain[0].layer
     assert isinstance(layer, VhdLayer)
     return layer
-
-
-def assert_reads(chain: list[local.LocalLayer], expected: bytes) -> None:
-    assert chain[0].layer.virtual_size == len(expected)
-    whole = local.read_chain(chain, 0, len(expected))
-    assert hashlib.sha256(whole).hexdigest() == hashlib.sha256(expected).hexdigest()
-    for start, length in random_ranges(len(expected)):
-        assert local.read_chain(chain, start, length) == expected[start : start + length]
 
 
 @pytest.fixture(scope="module")
@@ -127,7 +92,7 @@ def test_reads_what_qemu_reads(images: Path, name: str) -> None:
     chain = open_chain(images / name)
     assert chain[0].layer.virtual_size == SIZE  # footer's current size (force_size=on)
     assert chain[0].layer.parent is None
-    expected = qemu_raw(images / name)
+    expected = convert_to_raw(images / name, "vpc")  # -f vpc: a fixed VHD probes as raw
     assert expected == (images / "base.raw").read_bytes()
     assert_reads(chain, expected)
 
@@ -142,7 +107,7 @@ def test_dynamic_map_matches_qemu_map(images: Path) -> None:
     """Unallocated blocks are zeros, allocated ones data at qemu's offsets."""
     layer = top(open_chain(images / "dynamic.vhd"))
     extents = layer.map(0, SIZE, {})
-    for entry in json.loads(qemu_img("map", "--output=json", "-f", "vpc", images / "dynamic.vhd")):
+    for entry in qemu_map(images / "dynamic.vhd", "vpc"):
         start, end = entry["start"], entry["start"] + entry["length"]
         inside = [e for e in extents if e.start < end and start < e.start + e.length]
         if entry["data"]:
@@ -165,7 +130,7 @@ def test_dynamic_sector_bitmap_is_not_consulted_like_qemu(images: Path, tmp_path
     cleared = tmp_path / "cleared.vhd"
     cleared.write_bytes(data)
     expected = (images / "base.raw").read_bytes()
-    assert qemu_raw(cleared) == expected
+    assert convert_to_raw(cleared, "vpc") == expected
     assert local.read_chain(open_chain(cleared), 0, SIZE) == expected
 
 
@@ -223,13 +188,6 @@ def test_macx_locator_is_a_file_url(images: Path, tmp_path: Path) -> None:
     parent = chain[0].layer.parent
     assert parent is not None and parent.path == str(where / "dynamic.vhd")
     assert local.read_chain(chain, 0, SIZE) == (images / "child.raw").read_bytes()
-
-
-def mapped(chain: list[local.LocalLayer], start: int, end: int) -> list[Extent]:
-    """The top layer's extents for [start, end), given the tables it asks for."""
-    top = chain[0]
-    tables = {read: top.pread(read) for read in top.layer.table_reads(start, end)}
-    return top.layer.map(start, end, tables)
 
 
 def test_differencing_map_kinds(images: Path) -> None:

@@ -5,14 +5,10 @@ region table when one is corrupt. Hostile VHDXs: tests/unit/test_vhdx_hostile.py
 
 from __future__ import annotations
 
-import hashlib
 import json
-import random
 import shutil
 import struct
-import subprocess
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -20,6 +16,15 @@ import pytest
 from backupfs.store.formats import local
 from backupfs.store.formats.base import Extent, Kind
 from backupfs.store.formats.vhdx import PARTIALLY_PRESENT, VhdxLayer, probe
+from tests.support.qemu import (
+    assert_reads,
+    convert_to_raw,
+    mapped,
+    qemu_img,
+    qemu_io,
+    random_ranges,
+    raw_file,
+)
 from tests.support.vhdwriter import (
     MARKER,
     MIB,
@@ -38,7 +43,6 @@ from tests.support.vhdx_images import (
     bat_entry,
     make_images,
     open_chain,
-    qemu_img,
     region_offset,
 )
 
@@ -47,53 +51,16 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def qemu_io(path: Path, *commands: str) -> None:
-    argv = ["qemu-io", "-f", "vhdx"]
-    for command in commands:
-        argv += ["-c", command]
-    done = subprocess.run([*argv, str(path)], capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr
-
-
-def qemu_raw(image: Path) -> Path:
-    """What qemu reads from the VHDX, as a (sparse) raw file."""
-    out = image.with_suffix(".qemu.raw")
-    qemu_img("convert", "-f", "vhdx", "-O", "raw", image, out)
-    return out
-
-
 def pread(path: Path, start: int, length: int) -> bytes:
     with open(path, "rb") as f:
         f.seek(start)
         return f.read(length)
 
 
-def random_ranges(size: int, count: int = 1000, seed: int = 7) -> Iterator[tuple[int, int]]:
-    rng = random.Random(seed)
-    for _ in range(count):
-        start = rng.randrange(size)
-        yield start, rng.randint(1, min(size - start, rng.choice([512, 4096, 65536, MIB])))
-
-
 def top(chain: list[local.LocalLayer]) -> VhdxLayer:
     layer = chain[0].layer
     assert isinstance(layer, VhdxLayer)
     return layer
-
-
-def assert_reads(chain: list[local.LocalLayer], expected: bytes) -> None:
-    assert chain[0].layer.virtual_size == len(expected)
-    whole = local.read_chain(chain, 0, len(expected))
-    assert hashlib.sha256(whole).hexdigest() == hashlib.sha256(expected).hexdigest()
-    for start, length in random_ranges(len(expected)):
-        assert local.read_chain(chain, start, length) == expected[start : start + length]
-
-
-def mapped(chain: list[local.LocalLayer], start: int, end: int) -> list[Extent]:
-    """The top layer's extents for [start, end), given the tables it asks for."""
-    top = chain[0]
-    tables = {read: top.pread(read) for read in top.layer.table_reads(start, end)}
-    return top.layer.map(start, end, tables)
 
 
 def kinds_by_block(extents: list[Extent], block: int) -> dict[int, set[Kind]]:
@@ -127,7 +94,7 @@ def test_probe_finds_the_file_identifier(images: Path) -> None:
 def test_reads_what_qemu_reads(images: Path, name: str) -> None:
     chain = open_chain(images / f"{name}.vhdx")
     assert chain[0].layer.parent is None
-    expected = qemu_raw(images / f"{name}.vhdx").read_bytes()
+    expected = convert_to_raw(images / f"{name}.vhdx", "vhdx")
     assert expected == (images / "base.raw").read_bytes()
     assert_reads(chain, expected)
 
@@ -165,11 +132,11 @@ def test_bat_interleaves_sector_bitmap_entries(tmp_path: Path) -> None:
     image = tmp_path / "big.vhdx"
     qemu_img("create", "-f", "vhdx", "-o", "block_size=1M", image, str(BIG))
     writes = [(10 * MIB, 0x11), (4095 * MIB, 0x22), (4096 * MIB, 0x33), (4100 * MIB + 4096, 0x44)]
-    qemu_io(image, *[f"write -P {p:#x} {offset} 65536" for offset, p in writes])
+    qemu_io(image, *[f"write -P {p:#x} {offset} 65536" for offset, p in writes], fmt="vhdx")
     chain = open_chain(image)
     layer = top(chain)
     assert (layer.virtual_size, layer.chunk_ratio) == (BIG, 4096)
-    raw = qemu_raw(image)
+    raw = raw_file(image, image.with_suffix(".qemu.raw"), "vhdx")
     for offset, pattern in writes:
         around = local.read_chain(chain, offset - 4096, 65536 + 8192)
         assert around == bytes(4096) + bytes([pattern]) * 65536 + bytes(4096)

@@ -3,7 +3,6 @@ a VMware-style stream with its footer, and the allocation map against `qemu-img 
 as qemu reads them. Hostile files: tests/unit/test_vmdk_hostile.py."""
 
 import hashlib
-import json
 import os
 import random
 import re
@@ -15,6 +14,7 @@ import pytest
 
 from backupfs.store.formats import local, vmdk
 from backupfs.store.formats.base import Kind, ParentRef
+from tests.support.qemu import qemu_img, qemu_io, qemu_map, raw_file
 from tests.support.vmdk_images import (
     BIG_SIZE,
     CHUNK,
@@ -27,8 +27,6 @@ from tests.support.vmdk_images import (
     header_of,
     map_all,
     open_layer,
-    qemu_raw,
-    run,
     source_pieces,
     stream_with_footer,
     to_vmdk,
@@ -41,28 +39,7 @@ pytestmark = pytest.mark.skipif(
 needs_qemu_io = pytest.mark.skipif(
     shutil.which("qemu-io") is None, reason="qemu-io is not installed"
 )
-
-
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("vmdk")
-
-
-@pytest.fixture(scope="module")
-def source(workdir: Path) -> Path:
-    raw = workdir / "source.raw"
-    write_scattered(raw, SIZE, source_pieces(random.Random(1), SIZE))
-    return raw
-
-
-@pytest.fixture(scope="module")
-def sparse(workdir: Path, source: Path) -> Path:
-    return to_vmdk(source, workdir / "sparse.vmdk", "monolithicSparse")
-
-
-@pytest.fixture(scope="module")
-def stream(workdir: Path, source: Path) -> Path:
-    return to_vmdk(source, workdir / "stream.vmdk", "streamOptimized")
+# the fixtures source, sparse and stream: tests/unit/conftest.py
 
 
 # -- reading ----------------------------------------------------------------------------------
@@ -142,7 +119,7 @@ def random_ranges(size: int, hot: list[int], count: int = 1000) -> Iterator[tupl
 def assert_same_as_qemu(image: Path, tmp: Path, size: int, hot: list[int]) -> None:
     chain = chain_of(image)
     assert chain[0].layer.virtual_size == size
-    raw = qemu_raw(image, tmp / f"{image.stem}.qemu.raw")
+    raw = raw_file(image, tmp / f"{image.stem}.qemu.raw", "vmdk")
     assert raw.stat().st_size == size
     if size <= SHA_LIMIT:
         assert digest(chain_blocks(chain)) == digest(file_blocks(raw))
@@ -211,13 +188,6 @@ def test_the_last_short_grain_of_a_stream_inflates_to_its_length(stream: Path) -
 # -- deltas ----------------------------------------------------------------------------------
 
 
-def qemu_io(image: Path, *commands: str) -> None:
-    args: list[str | Path] = ["qemu-io", "-f", "vmdk"]
-    for command in commands:
-        args += ["-c", command]
-    run(*args, image)
-
-
 def cid_of(image: Path) -> str:
     text = image.read_bytes()[512 : 512 + 20 * 512].decode(errors="replace")
     match = re.search(r"^CID=([0-9a-f]+)$", text, re.M)
@@ -232,7 +202,7 @@ def test_delta_chains_read_as_qemu_reads_them(
 ) -> None:
     base = to_vmdk(source, tmp_path / "base.vmdk", "monolithicSparse")
     delta = tmp_path / "delta.vmdk"
-    run("qemu-img", "create", "-f", "vmdk", "-b", "base.vmdk", "-F", "vmdk",
+    qemu_img("create", "-f", "vmdk", "-b", "base.vmdk", "-F", "vmdk",
         "-o", f"zeroed_grain={zeroed_grain}", delta)  # fmt: skip
     qemu_io(
         delta,
@@ -240,10 +210,11 @@ def test_delta_chains_read_as_qemu_reads_them(
         f"write -P 0xce {5 * MiB + 4096} 100",  # a few bytes of a parent grain
         f"write -P 0xcf {HOLE[0] + 12345} 9000",  # where the parent has nothing
         f"write -z {5 * MiB + 2 * GRAIN} {GRAIN}",  # a whole grain of zeros over parent data
+        fmt="vmdk",
     )
     top = tmp_path / "top.vmdk"
-    run("qemu-img", "create", "-f", "vmdk", "-b", "delta.vmdk", "-F", "vmdk", top)
-    qemu_io(top, f"write -P 0xd0 {5 * MiB + 100} 200")
+    qemu_img("create", "-f", "vmdk", "-b", "delta.vmdk", "-F", "vmdk", top)
+    qemu_io(top, f"write -P 0xd0 {5 * MiB + 100} 200", fmt="vmdk")
     layer = open_layer(delta).layer
     assert layer.parent == ParentRef(path="base.vmdk", uuid=cid_of(base))
     assert [c.paths[0].name for c in chain_of(top)] == ["top.vmdk", "delta.vmdk", "base.vmdk"]
@@ -260,9 +231,9 @@ def test_delta_chains_read_as_qemu_reads_them(
 def test_a_descriptor_files_delta(source: Path, tmp_path: Path) -> None:
     base = to_vmdk(source, tmp_path / "base.vmdk", "streamOptimized")
     delta = tmp_path / "split.vmdk"
-    run("qemu-img", "create", "-f", "vmdk", "-o", "subformat=twoGbMaxExtentSparse",
+    qemu_img("create", "-f", "vmdk", "-o", "subformat=twoGbMaxExtentSparse",
         "-b", "base.vmdk", "-F", "vmdk", delta)  # fmt: skip
-    qemu_io(delta, "write -P 0xab 5000 100000", f"write -P 0xac {SIZE - 1000} 1000")
+    qemu_io(delta, "write -P 0xab 5000 100000", f"write -P 0xac {SIZE - 1000} 1000", fmt="vmdk")
     layer = open_layer(delta).layer
     assert layer.files == ["split-s001.vmdk"]
     assert layer.parent == ParentRef(path="base.vmdk", uuid=cid_of(base))
@@ -272,15 +243,11 @@ def test_a_descriptor_files_delta(source: Path, tmp_path: Path) -> None:
 # -- the allocation map --------------------------------------------------------------------
 
 
-def qemu_map(image: Path) -> list[dict[str, int | bool]]:
-    return list(json.loads(run("qemu-img", "map", "--output=json", "-f", "vmdk", image)))
-
-
 @pytest.mark.parametrize("name", ["sparse", "stream"])
 def test_the_map_agrees_with_qemu_img_map(name: str, request: pytest.FixtureRequest) -> None:
     image: Path = request.getfixturevalue(name)
     opened = open_layer(image)
-    for entry in qemu_map(image):
+    for entry in qemu_map(image, "vmdk"):
         start, length = int(entry["start"]), int(entry["length"])
         extents = map_all(opened, start, start + length)
         assert sum(e.length for e in extents) == length

@@ -2,7 +2,6 @@
 qemu-img images (sparse extent headers, grain directory and grain table entries, compressed
 grains and stream footers) and crafted descriptors (extent lines, paths, encodings, sizes)."""
 
-import random
 import shutil
 import struct
 import time
@@ -24,37 +23,13 @@ from tests.support.vmdk_images import (
     map_all,
     open_layer,
     patch,
-    source_pieces,
     stream_with_footer,
-    to_vmdk,
-    write_scattered,
 )
 
 pytestmark = pytest.mark.skipif(
     shutil.which("qemu-img") is None, reason="qemu-img is not installed"
 )
-
-
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("vmdk")
-
-
-@pytest.fixture(scope="module")
-def source(workdir: Path) -> Path:
-    raw = workdir / "source.raw"
-    write_scattered(raw, SIZE, source_pieces(random.Random(1), SIZE))
-    return raw
-
-
-@pytest.fixture(scope="module")
-def sparse(workdir: Path, source: Path) -> Path:
-    return to_vmdk(source, workdir / "sparse.vmdk", "monolithicSparse")
-
-
-@pytest.fixture(scope="module")
-def stream(workdir: Path, source: Path) -> Path:
-    return to_vmdk(source, workdir / "stream.vmdk", "streamOptimized")
+# the fixtures source, sparse and stream: tests/unit/conftest.py
 
 
 # -- hostile files -----------------------------------------------------------------------------
