@@ -113,6 +113,7 @@ class _Snapshot:
     disks: list[DiskEntry]
     parents: dict[str, ParentRef]  # disk name -> the parent it names
     previous: SnapshotEntry | None
+    ids: dict[str, str] = dataclasses.field(default_factory=dict)  # disk name -> unique id
 
 
 def index_snapshot(
@@ -139,7 +140,8 @@ def index_snapshot(
         if image.parent is not None:
             parents[entry.name] = image.parent
         disks.append(entry)
-    return _Snapshot(host, snap, disks, parents, previous)
+    ids = {i.path.name: i.unique_id for i in images if i.unique_id}
+    return _Snapshot(host, snap, disks, parents, previous, ids)
 
 
 def _resolve_parents(
@@ -148,16 +150,13 @@ def _resolve_parents(
     """Set each disk's parent to the store path of the image it names; leave out (and
     say) the disks whose parent is not in the store and those whose chain is broken."""
     known = {f"{s.host}/{s.name}/{d.name}": d for s in snapshots for d in s.disks}
+    ids = {f"{s.host}/{s.name}/{name}": i for s in snapshots for name, i in s.ids.items()}
     parents: dict[str, str | None] = {}
     for snap in snapshots:
         for disk in snap.disks:
             path, ref = f"{snap.host}/{snap.name}/{disk.name}", snap.parents.get(disk.name)
             try:
-                parents[path] = (
-                    None
-                    if ref is None
-                    else resolve_parent(ref.path, f"{snap.host}/{snap.name}", known, maps)
-                )
+                parents[path] = None if ref is None else _parent_of(ref, snap, known, ids, maps)
             except ValueError as exc:
                 say(f"skipped {snap.host}/{snap.name}/{disk.name}: {exc}")
     bad = broken_chains(parents)
@@ -170,6 +169,23 @@ def _resolve_parents(
             if path in parents and path not in bad:
                 kept.append(dataclasses.replace(disk, parent=parents[path]))
         snap.disks = kept
+
+
+def _parent_of(
+    ref: ParentRef,
+    snap: _Snapshot,
+    known: dict[str, DiskEntry],
+    ids: dict[str, str],
+    maps: list[ParentMap],
+) -> str:
+    """The store path of the parent `ref` names; when the image names its parent by id as
+    well (VHD, VHDX), the image found there must carry that id: a parent replaced by
+    another image under the same name would give wrong bytes."""
+    found = resolve_parent(ref.path, f"{snap.host}/{snap.name}", known, maps)
+    if ref.uuid and found in ids and ids[found].lower() != ref.uuid.lower():
+        raise ValueError(f"parent {found} is not the image it was made from (its id is "
+                         f"{ids[found]}, the image names {ref.uuid})")  # fmt: skip
+    return found
 
 
 def _entry(snap: _Snapshot, store: Path) -> SnapshotEntry:

@@ -22,6 +22,7 @@ class FoundImage:
     virtual_size: int | None = None  # None: raw, the file's size
     parent: ParentRef | None = None
     extents: list[Path] = field(default_factory=list)
+    unique_id: str | None = None  # VHD, VHDX: the id a differencing child names it by
 
 
 def detect_file(path: Path) -> str | None:
@@ -36,7 +37,8 @@ def _open(path: Path, fmt: str) -> FoundImage:
     """Open a formatted image as the mount will, checking its tables (FormatError)."""
     local = open_local(registry.LAYERS[fmt], path)
     layer = local.layer
-    return FoundImage(path, fmt, layer.virtual_size, layer.parent, local.paths[1:])
+    unique_id = getattr(layer, "unique_id", None) or None
+    return FoundImage(path, fmt, layer.virtual_size, layer.parent, local.paths[1:], unique_id)
 
 
 def _classify(path: Path) -> FoundImage | str:

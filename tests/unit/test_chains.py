@@ -15,7 +15,9 @@ from backupfs.store import manifest
 from backupfs.store.chains import MAX_CHAIN_DEPTH, ParentMap, broken_chains, resolve_parent
 from backupfs.store.image import VirtualDisk
 from backupfs.store.indexer import index_store
+from tests.support import vhdwriter
 
+MIB = 1 << 20
 KNOWN = {"web01/s1/base.qcow2": 1, "web01/s2/top.qcow2": 1, "web01/base/t.vhdx": 1}
 needs_qemu = pytest.mark.skipif(
     shutil.which("qemu-img") is None, reason="qemu-img is not installed"
@@ -177,3 +179,26 @@ def test_a_catalogue_whose_chain_loops_serves_the_rest() -> None:
     served = [n for n in tree.nodes.values() if n.image is not None]
     assert [n.name for n in served] == ["ok.img"]
     assert isinstance(served[0].image, VirtualDisk) and served[0].size_bytes == 1 << 20
+
+
+@needs_qemu
+def test_a_differencing_vhd_needs_the_parent_it_was_made_from(tmp_path: Path) -> None:
+    """VHD names its parent by path and by unique id: another image at that path (a base
+    made again, same name) is refused, where reading through it would give wrong bytes."""
+    store, work = tmp_path / "store", tmp_path / "work"
+    snap = _snap(store, "s")
+    work.mkdir()
+    base_raw, child_raw = work / "base.raw", work / "child.raw"
+    base_raw.write_bytes(bytes(range(256)) * 8192)  # 2 MiB
+    child_raw.write_bytes(base_raw.read_bytes()[:4096] + b"\xaa" * 4096 + bytes(2 * MIB - 8192))
+    vpc = ["-O", "vpc", "-o", "subformat=dynamic,force_size=on"]
+    _qemu_img("convert", "-f", "raw", *vpc, str(base_raw), str(snap / "base.vhd"))
+    vhdwriter.write_differencing_vhd(snap / "disk0.vhd", snap / "base.vhd", base_raw, child_raw,
+                                     absolute=False)  # fmt: skip
+    disks, skipped = _index(store)
+    assert disks["web01/s/disk0.vhd"].parent == "web01/s/base.vhd" and skipped == []
+    (snap / "base.vhd").unlink()  # made again: same name, same bytes, another unique id
+    _qemu_img("convert", "-f", "raw", *vpc, str(base_raw), str(snap / "base.vhd"))
+    disks, skipped = _index(store)
+    assert "web01/s/disk0.vhd" not in disks and "web01/s/base.vhd" in disks
+    assert any("is not the image it was made from" in s for s in skipped), skipped
