@@ -23,7 +23,14 @@ _FS_OPTIONS = {
     "vfat": [],
     "exfat": [],
     "iso9660": [],
+    "ntfs": [],  # mounted by the kernel's ntfs3, else by ntfs-3g (FUSE): see mount_type
 }
+# Filesystems with a userspace driver to use when the kernel has none: blkid's type ->
+# (kernel driver, mount -t type of the FUSE driver, its mount helper). ntfs-3g mounts
+# read-only from the loop device (fuseblk), hides NTFS's system files, and shows
+# alternate data streams not at all (its default streams_interface=none for ro mounts of
+# this kind is what restore wants: file contents only).
+_USERSPACE = {"ntfs": ("ntfs3", "ntfs-3g", "/sbin/mount.ntfs-3g")}
 _SKIP_REASONS = {
     "swap": "swap space, no files",
     "LVM2_member": "LVM physical volume (not supported)",
@@ -49,9 +56,28 @@ def skip_reason(fstype: str | None) -> str | None:
         return "no filesystem found"
     if fstype not in _FS_OPTIONS:
         return _SKIP_REASONS.get(fstype, f"filesystem type {fstype} is not supported")
+    if fstype in _USERSPACE:
+        kernel, fuse, helper = _USERSPACE[fstype]
+        if kernel_has(kernel) or os.path.exists(helper):
+            return None
+        return f"neither the kernel ({kernel}) nor userspace ({fuse}: not installed) has a driver"
     if not kernel_has(fstype):
         return f"the running kernel has no {fstype} driver"
     return None
+
+
+def is_userspace(mount_type: str) -> bool:
+    """Whether this `mount -t` type is one of the userspace (FUSE) drivers."""
+    return any(mount_type == fuse for _, fuse, _ in _USERSPACE.values())
+
+
+def mount_type(fstype: str) -> str:
+    """What `mount -t` gets for a mountable filesystem: the kernel's driver where it has
+    one, else the userspace one (its mount helper runs it as a FUSE daemon)."""
+    if fstype in _USERSPACE:
+        kernel, fuse, _ = _USERSPACE[fstype]
+        return kernel if kernel_has(kernel) else fuse
+    return fstype
 
 
 def mount_options(fstype: str, follow_symlinks: bool) -> str:

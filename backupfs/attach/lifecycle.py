@@ -168,6 +168,20 @@ def _mount(rec: MountRecord, fd: int) -> None:
         subprocess.run(["umount", "--no-canonicalize", where], capture_output=True,
                        timeout=MOUNT_TIMEOUT_S)  # fmt: skip
         raise UserError(f"{rec.path}: moved to {where} while attaching")
+    if fstypes.is_userspace(rec.fstype):
+        _set_mount_flags(rec)
+
+
+def _set_mount_flags(rec: MountRecord) -> None:
+    """A FUSE driver (ntfs-3g) keeps the options it knows and drops the others silently
+    (nosymfollow): set the mount's flags again, on the mount itself (a bind remount)."""
+    argv = ["mount", "--no-canonicalize", "-o", f"remount,bind,{rec.options}", rec.path]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=MOUNT_TIMEOUT_S)
+    if proc.returncode != 0:
+        subprocess.run(["umount", "--no-canonicalize", rec.path], capture_output=True,
+                       timeout=MOUNT_TIMEOUT_S)  # fmt: skip
+        reason = failure_reason(proc, "mount: ")
+        raise UserError(f"p{rec.partition} ({rec.fstype}): cannot set {rec.options}: {reason}")
 
 
 def _select(parts: list[Partition], req: AttachRequest) -> list[Partition]:
@@ -233,7 +247,8 @@ def _set_up(
         assert part.fstype is not None
         path = att.mount_path(loop.clone, part.number)
         options = fstypes.mount_options(part.fstype, req.follow_symlinks)
-        rec = MountRecord(path, loop.device, part.number, loop.clone, part.fstype, options)
+        driver = fstypes.mount_type(part.fstype)
+        rec = MountRecord(path, loop.device, part.number, loop.clone, driver, options)
         att.mounts.append(rec)
         attach_state.save(att)  # journal before the mount point and the mount exist
         fd = _claim_dir(path)
@@ -324,5 +339,7 @@ def describe(att: Attachment) -> list[str]:
         clones = att.clone_mounts(part.number)
         live = sum(m.path in mounted for m in clones)
         devices = " ".join(m.device for m in clones)
-        lines.append(f"{head}  {live}/{len(clones)} mounted  ({devices})")
+        drivers = sorted({m.fstype for m in clones} - {part.fstype})  # ntfs: by ntfs-3g
+        by = f" by {', '.join(drivers)}" if drivers else ""
+        lines.append(f"{head}  {live}/{len(clones)} mounted{by}  ({devices})")
     return lines
