@@ -34,7 +34,7 @@ _USERSPACE = {"ntfs": ("ntfs3", "ntfs-3g", "/sbin/mount.ntfs-3g")}
 _SKIP_REASONS = {
     "swap": "swap space, no files",
     "LVM2_member": "LVM physical volume (not supported)",
-    "crypto_LUKS": "LUKS encrypted volume (not supported)",
+    "crypto_LUKS": "LUKS encrypted volume (needs the key and dm-crypt: not supported)",
     "linux_raid_member": "MD RAID member (not supported)",
     "zfs_member": "ZFS pool member (not supported)",
 }
