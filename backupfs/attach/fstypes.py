@@ -26,11 +26,16 @@ _FS_OPTIONS = {
     "ntfs": [],  # mounted by the kernel's ntfs3, else by ntfs-3g (FUSE): see mount_type
 }
 # Filesystems with a userspace driver to use when the kernel has none: blkid's type ->
-# (kernel driver, mount -t type of the FUSE driver, its mount helper). ntfs-3g mounts
+# (kernel driver, mount -t type of the FUSE driver, its mount helper). vfat has none:
+# Debian's fusefat shows 8.3 names upper-cased and one wrong date for every file, which a
+# restore must not copy. ntfs-3g mounts
 # read-only from the loop device (fuseblk), hides NTFS's system files, and shows
 # alternate data streams not at all (its default streams_interface=none for ro mounts of
 # this kind is what restore wants: file contents only).
-_USERSPACE = {"ntfs": ("ntfs3", "ntfs-3g", "/sbin/mount.ntfs-3g")}
+_USERSPACE = {
+    "ntfs": ("ntfs3", "ntfs-3g", "/sbin/mount.ntfs-3g"),
+    "exfat": ("exfat", "exfat-fuse", "/sbin/mount.exfat-fuse"),  # names and times kept
+}
 _SKIP_REASONS = {
     "swap": "swap space, no files",
     "LVM2_member": "LVM physical volume (not supported)",
