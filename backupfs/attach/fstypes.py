@@ -38,7 +38,7 @@ _USERSPACE = {
 }
 _SKIP_REASONS = {
     "swap": "swap space, no files",
-    "LVM2_member": "LVM physical volume (not supported)",
+    "LVM2_member": "LVM physical volume (its logical volumes are listed as VG-LV)",
     "crypto_LUKS": "LUKS encrypted volume (needs the key and dm-crypt: not supported)",
     "linux_raid_member": "MD RAID member (not supported)",
     "zfs_member": "ZFS pool member (not supported)",

@@ -160,7 +160,7 @@ def _mount(rec: MountRecord, fd: int) -> None:
     if proc.returncode != 0:
         reason = failure_reason(proc, "mount: ").replace(on, rec.path)
         raise UserError(
-            f"p{rec.partition} ({rec.fstype}) refused to mount read-only: {reason} "
+            f"{os.path.basename(rec.path)} ({rec.fstype}) refused to mount read-only: {reason} "
             "(--partition K attaches the others)"
         )
     where = _fd_path(fd)  # moved meanwhile: only by root, but never leave it there unsaid
@@ -181,7 +181,9 @@ def _set_mount_flags(rec: MountRecord) -> None:
         subprocess.run(["umount", "--no-canonicalize", rec.path], capture_output=True,
                        timeout=MOUNT_TIMEOUT_S)  # fmt: skip
         reason = failure_reason(proc, "mount: ")
-        raise UserError(f"p{rec.partition} ({rec.fstype}): cannot set {rec.options}: {reason}")
+        raise UserError(
+            f"{os.path.basename(rec.path)} ({rec.fstype}): cannot set {rec.options}: {reason}"
+        )
 
 
 def _select(parts: list[Partition], req: AttachRequest) -> list[Partition]:
@@ -204,12 +206,12 @@ def attach(req: AttachRequest, after_loops: Callable[[], None] | None = None) ->
     parts = _select(read_disk(image, size), req)
     records = [
         PartitionRecord(p.number, p.start_bytes, p.size_bytes, p.fstype, p.label,
-                        fstypes.skip_reason(p.fstype))
+                        p.reason or fstypes.skip_reason(p.fstype), p.volume)
         for p in parts
     ]  # fmt: skip
     mountable = [r for r in records if r.skipped is None]
     if not mountable:
-        reasons = "; ".join(f"p{r.number}: {r.skipped}" for r in records)
+        reasons = "; ".join(f"{r.shown}: {r.skipped}" for r in records)
         raise UserError(f"{req.image}: nothing to mount ({reasons})")
     created, mode = _prepare_target(target)
     att = Attachment(target, image, req.clones, created, partitions=records, target_mode=mode)
@@ -332,7 +334,7 @@ def describe(att: Attachment) -> list[str]:
         lines.append("  INCOMPLETE (attach was interrupted): run `backupfs detach` on it")
     for part in att.partitions:
         label = f" [{part.label}]" if part.label else ""
-        head = f"  p{part.number}  {part.fstype or '-'}{label}"
+        head = f"  {part.shown}  {part.fstype or '-'}{label}"
         if part.skipped:
             lines.append(f"{head}  skipped: {part.skipped}")
             continue

@@ -4,6 +4,7 @@ Read in userspace (sfdisk, blkid), never through the kernel's partition parsers,
 some kernels lack. Parsing is pure; `read_disk` runs the tools.
 """
 
+import dataclasses
 import json
 import os
 import re
@@ -11,6 +12,7 @@ import subprocess
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+from backupfs.attach import lvm
 from backupfs.errors import UserError
 from backupfs.linux.tools import failure_reason
 
@@ -20,6 +22,7 @@ PROBE_THREADS = 8  # blkid runs (and prereads) at once
 # A table is the image's word: a crafted one may list thousands of partitions, each of
 # which would cost probes, loop devices and mounts. A GPT has room for 128 by default.
 MAX_PARTITIONS = 128
+LV_NUMBERS = 1000  # logical volumes are numbered from here (partitions stay below)
 _EXTENDED_MBR_TYPES = {"5", "f", "85"}  # containers of logical partitions, not filesystems
 # What sfdisk (libfdisk's fdisk_partname) puts between the device and the number: "p"
 # after a name ending in a digit (disk0 -> disk0p1), "-part" or "part" for some names.
@@ -34,10 +37,12 @@ class Partition:
     fstype: str | None = None
     label: str | None = None
     uuid: str | None = None
+    volume: str | None = None  # an LVM logical volume, as VG-LV
+    reason: str | None = None  # why it cannot be mounted, whatever its filesystem
 
     @property
     def name(self) -> str:
-        return f"p{self.number}"
+        return self.volume or f"p{self.number}"
 
 
 def parse_blkid_export(text: str) -> dict[str, str]:
@@ -141,7 +146,7 @@ def read_disk(image: str, size_bytes: int) -> list[Partition]:
     whole = probe(image)
     if "PTTYPE" not in whole:
         if "TYPE" in whole:
-            return [_with_probe(Partition(0, 0, size_bytes), whole)]
+            return with_volumes(image, [_with_probe(Partition(0, 0, size_bytes), whole)])
         raise UserError(f"{image}: no partition table or filesystem found (not a disk image?)")
     proc = _run(["sfdisk", "--json", image])
     if proc.returncode != 0:
@@ -155,7 +160,47 @@ def read_disk(image: str, size_bytes: int) -> list[Partition]:
     preread(image, [(p.start_bytes, p.size_bytes) for p in parts])
     with ThreadPoolExecutor(max(1, min(len(parts), PROBE_THREADS))) as pool:
         found = list(pool.map(lambda p: probe(image, p.start_bytes, p.size_bytes), parts))
-    return [_with_probe(p, f) for p, f in zip(parts, found, strict=True)]
+    return with_volumes(image, [_with_probe(p, f) for p, f in zip(parts, found, strict=True)])
+
+
+def with_volumes(image: str, parts: list[Partition]) -> list[Partition]:
+    """The partitions, each LVM physical volume followed by the logical volumes it holds
+    (numbered from LV_NUMBERS on, named VG-LV; a name seen twice is listed once)."""
+    out: list[Partition] = []
+    for part in parts:
+        if part.fstype != "LVM2_member":
+            out.append(part)
+            continue
+        try:
+            found = _logical_volumes(image, part, LV_NUMBERS + len(out))
+        except lvm.LvmError as exc:
+            out.append(dataclasses.replace(part, reason=f"LVM physical volume: {exc}"))
+            continue
+        out.append(part)
+        seen = {p.volume for p in out}
+        out += [v for v in found if v.volume not in seen]
+    return out
+
+
+def _logical_volumes(image: str, pv: Partition, first: int) -> list[Partition]:
+    with open(image, "rb") as f:
+
+        def read(offset: int, size: int) -> bytes:
+            return os.pread(
+                f.fileno(), max(0, min(size, pv.size_bytes - offset)), pv.start_bytes + offset
+            )
+
+        pv_id, text = lvm.read_metadata(read, pv.size_bytes)
+    out = []
+    for n, lv in enumerate(lvm.volumes(text, pv_id, pv.size_bytes), first):
+        start = pv.start_bytes + lv.start_bytes
+        if lv.skipped is not None:
+            out.append(Partition(n, start, lv.size_bytes, volume=lv.name, reason=lv.skipped))
+        else:
+            found = probe(image, start, lv.size_bytes)
+            out.append(dataclasses.replace(_with_probe(Partition(n, start, lv.size_bytes), found),
+                                           volume=lv.name))  # fmt: skip
+    return out
 
 
 def _with_probe(part: Partition, found: dict[str, str]) -> Partition:

@@ -48,6 +48,12 @@ class PartitionRecord:
     fstype: str | None
     label: str | None
     skipped: str | None  # why it is not mounted, or None
+    name: str | None = None  # an LVM logical volume's VG-LV; else it is p<number>
+
+    @property
+    def shown(self) -> str:
+        """Its directory under TARGET, and its name in messages."""
+        return self.name or f"p{self.number}"
 
 
 @dataclass
@@ -93,7 +99,8 @@ class Attachment:
         """Where clone `clone` of partition `partition` is mounted: the only places that
         detach unmounts or removes."""
         base = self.target if clone == 0 else str(self.private_dir / f"c{clone}")
-        return os.path.join(base, f"p{partition}")
+        shown = next((p.shown for p in self.partitions if p.number == partition), None)
+        return os.path.join(base, shown or f"p{partition}")
 
     def clone_mounts(self, partition: int) -> list[MountRecord]:
         return sorted((m for m in self.mounts if m.partition == partition), key=lambda m: m.clone)
@@ -223,6 +230,12 @@ def _inconsistency(att: Attachment, path: Path) -> str | None:
         _is_count(att.target_mode) and att.target_mode <= 0o7777
     ):
         return "is malformed"
+    for part in att.partitions:
+        name = part.name
+        if name is not None and (
+            not isinstance(name, str) or "/" in name or name in ("", ".", "..")
+        ):
+            return "is malformed"
     for loop in att.loops:
         if not (_is_loop(loop.device) and _is_count(loop.start_bytes)):
             return f"names {loop.device!r}, which is not a loop device"
