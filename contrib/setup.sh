@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 
 packages=(fuse3 libfuse3-dev pkg-config gcc nginx-light curl util-linux e2fsprogs
           xfsprogs dosfstools mtools btrfs-progs fdisk gdisk acl attr systemd openssl
-          qemu-utils ntfs-3g exfat-fuse exfatprogs)
+          qemu-utils ntfs-3g exfat-fuse exfatprogs lvm2)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
