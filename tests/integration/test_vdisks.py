@@ -304,3 +304,23 @@ def test_a_damaged_table_is_eio_for_its_range_only(tmp_path: Path) -> None:
             assert os.pread(f.fileno(), 65536, 0) == truth[:65536]
             assert os.pread(f.fileno(), MiB, 2 * MiB) == truth[2 * MiB : 3 * MiB]
         assert read_stats(mnt)["bytes_fetched"] > 0  # the mount still answers
+
+
+@needs_filesystems("ext4")
+def test_warm_metadata_on_the_top_of_the_chain_makes_a_listing_cheap(
+    chain: Chain, served: Path, tmp_path: Path
+) -> None:
+    """`warm --metadata` reads the filesystem's metadata at virtual offsets of the top
+    image: they become reads of the stored files down the chain, and `ls -lR` then needs
+    nothing more from the store."""
+    env = attach_env(tmp_path / "run")
+    with attached(served / "web01" / SNAPS[2] / "disk0.img", tmp_path / "target", env) as att:
+        before = read_stats(served)
+        result = run_cli("warm", "--metadata", str(att.target / "p0"), env=env)
+        assert result.returncode == 0, result.stderr
+        warmed = read_stats(served)
+        assert warmed["bytes_fetched"] > before["bytes_fetched"], result.stdout
+        listing = subprocess.run(["ls", "-lR", str(att.target / "p0")], capture_output=True,
+                                 text=True, timeout=120)  # fmt: skip
+        assert listing.returncode == 0 and "new-in-s3.bin" in listing.stdout
+        assert read_stats(served)["bytes_fetched"] == warmed["bytes_fetched"]
