@@ -24,6 +24,12 @@ PROBE_THREADS = 8  # blkid runs (and prereads) at once
 MAX_PARTITIONS = 128
 LV_NUMBERS = 1000  # logical volumes are numbered from here (partitions stay below)
 _EXTENDED_MBR_TYPES = {"5", "f", "85"}  # containers of logical partitions, not filesystems
+_LDM = "Windows dynamic disk (LDM) volume (not supported)"
+_TYPE_REASONS = {  # partition types known to hold no filesystem backupfs can mount by itself
+    "42": _LDM,  # MBR
+    "5808C8AA-7E8F-42E0-85D2-E1E90434CFB3": _LDM + ": its metadata",  # GPT
+    "AF9B60A0-1431-4F62-BC68-3311714A69AD": _LDM,  # GPT
+}
 # What sfdisk (libfdisk's fdisk_partname) puts between the device and the number: "p"
 # after a name ending in a digit (disk0 -> disk0p1), "-part" or "part" for some names.
 _NODE_NUMBER = re.compile(r"(?:p|-part|part)?([0-9]+)")
@@ -80,7 +86,8 @@ def parse_sfdisk_json(text: str) -> list[Partition]:
                 raise ValueError(f"partition {number} at {start} of {size} bytes")
             if any(q.number == number for q in parts):
                 raise ValueError(f"two partitions numbered {number}")
-            parts.append(Partition(number, start, size))
+            reason = _TYPE_REASONS.get(str(p.get("type", "")).upper())
+            parts.append(Partition(number, start, size, reason=reason))
         return parts
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise UserError(f"cannot read the partition table: {exc}") from None
@@ -204,11 +211,6 @@ def _logical_volumes(image: str, pv: Partition, first: int) -> list[Partition]:
 
 
 def _with_probe(part: Partition, found: dict[str, str]) -> Partition:
-    return Partition(
-        part.number,
-        part.start_bytes,
-        part.size_bytes,
-        found.get("TYPE"),
-        found.get("LABEL"),
-        found.get("UUID"),
+    return dataclasses.replace(
+        part, fstype=found.get("TYPE"), label=found.get("LABEL"), uuid=found.get("UUID")
     )

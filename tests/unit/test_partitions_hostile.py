@@ -188,3 +188,32 @@ def test_partitions_past_any_disk_are_refused() -> None:
     text = json.dumps({"partitiontable": {"device": "sda", "partitions": [part]}})
     with pytest.raises(UserError, match="cannot read the partition table"):
         partitions.parse_sfdisk_json(text)
+
+
+@pytest.mark.parametrize(
+    ("label", "ptype", "expected"),
+    [
+        ("dos", "42", "Windows dynamic disk (LDM) volume (not supported)"),
+        ("gpt", "AF9B60A0-1431-4F62-BC68-3311714A69AD", "Windows dynamic disk (LDM) volume"),
+        ("gpt", "5808C8AA-7E8F-42E0-85D2-E1E90434CFB3", "LDM) volume (not supported): its"),
+        ("gpt", "0FC63DAF-8483-4772-8E79-3D69D8477DE4", None),
+    ],
+)
+def test_dynamic_disk_partitions_are_listed_with_their_reason(
+    tmp_path: Path, label: str, ptype: str, expected: str | None
+) -> None:
+    """A table made by the real sfdisk with a Windows dynamic disk (LDM) partition: listed,
+    with the reason attach gives, instead of probed as an unknown filesystem."""
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(b"")
+    os.truncate(disk, 16 << 20)
+    script = f"label: {label}\nstart=2048, size=8192, type={ptype}\n"
+    sfdisk = ["sfdisk", "--quiet", "--no-reread", "--no-tell-kernel", str(disk)]
+    subprocess.run(sfdisk, input=script, text=True, check=True, capture_output=True, timeout=30)
+    out = subprocess.run(["sfdisk", "--json", str(disk)], capture_output=True, text=True,
+                         check=True, timeout=30).stdout  # fmt: skip
+    (part,) = partitions.parse_sfdisk_json(out)
+    if expected is None:
+        assert part.reason is None
+    else:
+        assert part.reason is not None and expected in part.reason, part.reason
