@@ -84,10 +84,17 @@ class BlockReader:
         return self.config.request_size
 
     async def read(
-        self, image: Image, offset: int, size: int, tracker: StreamTracker | None = None
+        self,
+        image: Image,
+        offset: int,
+        size: int,
+        tracker: StreamTracker | None = None,
+        counted: bool = True,
     ) -> bytes:
         """Exactly `size` bytes at `offset`, fewer only at end of file; raises FetchError.
-        `tracker`: the stream the read belongs to, for readahead (None: no readahead)."""
+        `tracker`: the stream the read belongs to, for readahead (None: no readahead).
+        `counted`: served to a reader as they are (False: a virtual disk's table or piece,
+        which counts what it serves itself)."""
         needed = block_range(offset, size, image.block_size, image.size_bytes)
         if not needed:
             return b""
@@ -99,7 +106,7 @@ class BlockReader:
         with trio.move_on_after(self.config.read_deadline_s):
             blocks = await self._collect(image, needed, cached)
             data = slice_blocks(blocks, needed[0], image.block_size, offset, size)
-            self._served(image, offset, offset + len(data))
+            self._served(image, offset, offset + len(data), counted)
             return data
         raise FetchError(f"no data within {self.config.read_deadline_s:g}s", transient=True)
 
@@ -155,10 +162,11 @@ class BlockReader:
             for n, block in zip(needed, cached, strict=True)
         ]
 
-    def _served(self, image: Image, start: int, end: int) -> None:
+    def _served(self, image: Image, start: int, end: int, counted: bool = True) -> None:
         """Count `[start, end)` as served; a block whose planned bytes were all served now
         leaves the cache (the kernel's page cache has them)."""
-        self.stats.bytes_served += end - start
+        if counted:
+            self.stats.bytes_served += end - start
         if self.plans.active:
             for key in self.plans.consume(image, start, end):
                 self.cache.discard(key)

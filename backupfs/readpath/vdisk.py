@@ -73,7 +73,8 @@ class DiskReader:
         raise FormatError(f"{name}: {layer.format} header does not end")
 
     async def _stored(self, link: ChainLink, read: TableRead) -> bytes:
-        return await self.reader.read(link.images[read.file], read.offset, read.length)
+        image = link.images[read.file]
+        return await self.reader.read(image, read.offset, read.length, counted=False)
 
     async def _table(self, link: ChainLink, read: TableRead) -> bytes:
         """A slice of a second-level table. Every read of a disk asks for a few entries of
@@ -85,7 +86,7 @@ class DiskReader:
         kept = [self._tables.get((image.image_id, n)) for n in range(first, last + 1)]
         blocks = [b for b in kept if b is not None]
         if len(blocks) != len(kept):
-            span = await self.reader.read(image, first * bs, (last + 1 - first) * bs)
+            span = await self.reader.read(image, first * bs, (last + 1 - first) * bs, counted=False)
             blocks = [span[i : i + bs] for i in range(0, len(span), bs)]
             for n, block in enumerate(blocks, first):
                 self._tables[(image.image_id, n)] = block
@@ -107,6 +108,7 @@ class DiskReader:
         note = _ReadNote()
         with trio.move_on_after(self.reader.config.read_deadline_s):
             data = await self._read_layer(disk, 0, offset, end, note)
+            self.reader.stats.bytes_served += len(data)  # zeros included, tables not
             # Reads of planned blocks say nothing about what comes next (as for raw images).
             if tracker is not None and not (note.data and note.planned):
                 self._read_ahead(disk, offset, end - offset, tracker)

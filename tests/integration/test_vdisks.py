@@ -191,6 +191,7 @@ def served(chain: Chain, tmp_path: Path) -> Iterator[Path]:
 
 
 def test_each_snapshot_is_served_as_its_raw_disk(chain: Chain, served: Path) -> None:
+    before = read_stats(served)["bytes_served"]
     for snap, raw in zip(SNAPS, chain.raws, strict=True):
         disk = served / "web01" / snap / "disk0.img"
         assert disk.stat().st_size == DISK_MIB * MiB
@@ -202,6 +203,9 @@ def test_each_snapshot_is_served_as_its_raw_disk(chain: Chain, served: Path) -> 
     for name in names:
         assert (others / name).stat().st_size == DISK_MIB * MiB, name
         assert sha256_file(others / name) == sha256_file(chain.raws[2]), name
+    # What readers got, zeros included, and not the tables read on the way.
+    served_bytes = read_stats(served)["bytes_served"] - before
+    assert served_bytes == (len(SNAPS) + len(names)) * DISK_MIB * MiB
 
 
 @pytest.mark.parametrize(
