@@ -341,7 +341,7 @@ def describe(att: Attachment) -> list[str]:
         clones = att.clone_mounts(part.number)
         live = sum(m.path in mounted for m in clones)
         devices = " ".join(m.device for m in clones)
-        drivers = sorted({m.fstype for m in clones} - {part.fstype})  # ntfs: by ntfs-3g
+        drivers = sorted({m.fstype for m in clones if fstypes.is_userspace(m.fstype)})
         by = f" by {', '.join(drivers)}" if drivers else ""
         lines.append(f"{head}  {live}/{len(clones)} mounted{by}  ({devices})")
     return lines
