@@ -23,7 +23,15 @@ from backupfs.ranges import block_range
 from backupfs.readpath.blocks import BlockReader
 from backupfs.readpath.plans import PlanCursor
 from backupfs.readpath.readahead import StreamTracker
-from backupfs.store.formats.base import Extent, Kind, Layer, TableRead, check_read
+from backupfs.store.formats.base import (
+    Extent,
+    Kind,
+    Layer,
+    TableRead,
+    check_extents,
+    check_read,
+    open_reads_checked,
+)
 from backupfs.store.formats.registry import LAYERS
 from backupfs.store.image import ChainLink, Image, VirtualDisk
 
@@ -31,7 +39,6 @@ log = logging.getLogger(__name__)
 Served = Image | VirtualDisk  # what a file of the mount serves
 UNIT_CACHE_BYTES = 16 << 20  # decompressed clusters/grains kept for the reads that follow
 TABLE_CACHE_BYTES = 8 << 20  # blocks of second-level tables (L2, grain tables, bitmaps)
-MAX_OPEN_ROUNDS = 16
 
 
 class DiskReader:
@@ -61,16 +68,11 @@ class DiskReader:
         name = top.url.rsplit("/", 1)[-1]
         layer = LAYERS[link.format](name, top.size_bytes)
         sizes = [i.size_bytes for i in link.images]
-        for _ in range(MAX_OPEN_ROUNDS):
-            reads = layer.open_reads()
-            if not reads:
-                if len(layer.files) != len(link.images) - 1:
-                    raise FormatError(f"{name}: its extent files are not the catalogue's")
-                return layer
-            for read in reads:
-                check_read(layer, read, sizes, name)
-                layer.load(read, await self._stored(link, read))
-        raise FormatError(f"{name}: {layer.format} header does not end")
+        for read in open_reads_checked(layer, lambda: sizes, name):
+            layer.load(read, await self._stored(link, read))
+        if len(layer.files) != len(link.images) - 1:
+            raise FormatError(f"{name}: its extent files are not the catalogue's")
+        return layer
 
     async def _stored(self, link: ChainLink, read: TableRead) -> bytes:
         image = link.images[read.file]
@@ -126,7 +128,7 @@ class DiskReader:
             check_read(layer, read, sizes, name)
             tables[read] = await self._table(link, read)
         extents = layer.map(start, end, tables)
-        _check_extents(extents, start, end, sizes, name)
+        check_extents(extents, start, end, sizes, name)
         return extents
 
     async def _read_layer(
@@ -275,20 +277,3 @@ def _coalesced(ranges: list[tuple[Image, int, int]]) -> list[tuple[Image, int, i
         else:
             out.append((image, lo, hi))
     return out
-
-
-def _check_extents(
-    extents: list[Extent], start: int, end: int, sizes: list[int], name: str
-) -> None:
-    """A layer's answer covers `[start, end)` exactly, in order, within its files."""
-    pos = start
-    for e in extents:
-        if e.start != pos or e.length <= 0:
-            raise FormatError(f"{name}: extents do not cover the read")
-        if e.kind in (Kind.DATA, Kind.COMPRESSED):
-            stored = e.length if e.kind is Kind.DATA else e.stored_length
-            if not 0 <= e.file < len(sizes) or e.offset < 0 or e.offset + stored > sizes[e.file]:
-                raise FormatError(f"{name}: data at offset {e.offset} is past the end of the file")
-        pos += e.length
-    if pos != end:
-        raise FormatError(f"{name}: extents do not cover the read")

@@ -17,7 +17,7 @@ never returns an extent outside its file or the virtual disk. Table reads are bo
 """
 
 import enum
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -25,6 +25,7 @@ from backupfs.errors import FormatError
 
 MAX_TABLE_READ = 64 << 20  # the largest single TableRead a layer may ask for
 MAX_OPEN_BYTES = 64 << 20  # the most a layer reads and keeps at open (L1, BAT, GD ...)
+MAX_OPEN_ROUNDS = 16  # open_reads() rounds before a layer is taken for looping
 
 
 class Kind(enum.Enum):
@@ -107,3 +108,44 @@ def check_read(layer: Layer, read: TableRead, sizes: list[int], name: str) -> No
         raise FormatError(f"{name}: {layer.format} table read {read} out of bounds")
     if read.offset < 0 or read.offset >= sizes[read.file]:
         raise FormatError(f"{name}: {layer.format} table at offset {read.offset} is past the end")
+
+
+def open_reads_checked(
+    layer: Layer, sizes: Callable[[], list[int]], name: str
+) -> Iterator[TableRead]:
+    """The reads `layer` asks for until it is open, each checked (check_read); the caller
+    loads each before taking the next. Bounded in rounds and in bytes (MAX_OPEN_BYTES).
+    `sizes()`: the sizes of the image and of the extra files the layer named so far.
+    Every driver opens layers through this: the index over local files, the mount over
+    verified blocks."""
+    total = 0
+    for _ in range(MAX_OPEN_ROUNDS):
+        reads = layer.open_reads()
+        if not reads:
+            return
+        for read in reads:
+            check_read(layer, read, sizes(), name)
+            total += read.length
+            if total > MAX_OPEN_BYTES:
+                raise FormatError(
+                    f"{name}: {layer.format} tables larger than {MAX_OPEN_BYTES >> 20} MiB"
+                )
+            yield read
+    raise FormatError(
+        f"{name}: {layer.format} header does not end (more than {MAX_OPEN_ROUNDS} rounds)"
+    )
+
+
+def check_extents(extents: list[Extent], start: int, end: int, sizes: list[int], name: str) -> None:
+    """A layer's answer covers `[start, end)` exactly, in order, within its files."""
+    pos = start
+    for e in extents:
+        if e.start != pos or e.length <= 0:
+            raise FormatError(f"{name}: extents do not cover the read")
+        if e.kind in (Kind.DATA, Kind.COMPRESSED):
+            stored = e.length if e.kind is Kind.DATA else e.stored_length
+            if not 0 <= e.file < len(sizes) or e.offset < 0 or e.offset + stored > sizes[e.file]:
+                raise FormatError(f"{name}: data at offset {e.offset} is past the end of the file")
+        pos += e.length
+    if pos != end:
+        raise FormatError(f"{name}: extents do not cover the read")

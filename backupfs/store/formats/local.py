@@ -8,15 +8,14 @@ from pathlib import Path
 
 from backupfs.errors import FormatError
 from backupfs.store.formats.base import (
-    MAX_OPEN_BYTES,
     Extent,
     Kind,
     Layer,
     TableRead,
+    check_extents,
     check_read,
+    open_reads_checked,
 )
-
-MAX_OPEN_ROUNDS = 16  # open_reads() rounds before a layer is taken for looping
 
 
 def drive_open(
@@ -25,24 +24,10 @@ def drive_open(
     sizes: Callable[[], list[int]],
     name: str,
 ) -> Layer:
-    """Give `layer` the bytes it asks for until it is open; bounded in rounds and bytes.
-    `sizes()`: the sizes of the image and of the extra files the layer named so far."""
-    total = 0
-    for _ in range(MAX_OPEN_ROUNDS):
-        reads = layer.open_reads()
-        if not reads:
-            return layer
-        for read in reads:
-            check_read(layer, read, sizes(), name)
-            total += read.length
-            if total > MAX_OPEN_BYTES:
-                raise FormatError(
-                    f"{name}: {layer.format} tables larger than {MAX_OPEN_BYTES >> 20} MiB"
-                )
-            layer.load(read, read_bytes(read))
-    raise FormatError(
-        f"{name}: {layer.format} header does not end (more than {MAX_OPEN_ROUNDS} rounds)"
-    )
+    """Give `layer` the bytes it asks for until it is open (base.open_reads_checked)."""
+    for read in open_reads_checked(layer, sizes, name):
+        layer.load(read, read_bytes(read))
+    return layer
 
 
 @dataclass
@@ -95,12 +80,9 @@ def read_chain(chain: list[LocalLayer], start: int, size: int) -> bytes:
     for read in need:
         check_read(top.layer, read, top.sizes, top.paths[0].name)
     tables = {read: top.pread(read) for read in need}
-    out = bytearray()
-    for extent in top.layer.map(start, end, tables):
-        out += _extent_bytes(chain, extent)
-    if len(out) != end - start:
-        raise FormatError(f"{top.paths[0].name}: mapped {len(out)} bytes of {end - start}")
-    return bytes(out)
+    extents = top.layer.map(start, end, tables)
+    check_extents(extents, start, end, top.sizes, top.paths[0].name)
+    return b"".join(_extent_bytes(chain, extent) for extent in extents)
 
 
 def _extent_bytes(chain: list[LocalLayer], extent: Extent) -> bytes:
