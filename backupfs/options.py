@@ -106,6 +106,11 @@ class MountOptions:
         rest): 12 MiB with the defaults, the records of 24 GiB of image at 64 KiB blocks."""
         return max(1 << 20, self.lru_bytes // 16)
 
+    @property
+    def block_cache_bytes(self) -> int:
+        """What the LRU of verified blocks may hold: lru_bytes less the digests' share."""
+        return self.lru_bytes - self.digest_cache_bytes
+
 
 def parse_size(text: str, name: str) -> int:
     m = _SIZE.fullmatch(text.strip())

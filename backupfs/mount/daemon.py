@@ -96,7 +96,7 @@ async def serve(
             store = StoreClient(client, url, client_config, stats)
             digests = DigestLoader(store, opts.digest_cache_bytes)
             tree = await open_store(store, opts.block_size)
-            cache = BlockCache(opts.lru_bytes - opts.digest_cache_bytes, stats)
+            cache = BlockCache(opts.block_cache_bytes, stats)
             source: RangeSource = store
             if opts.cache_dir is not None:
                 disk = await trio.to_thread.run_sync(DiskCache, opts.cache_dir, opts.cache_dir_size)
@@ -106,7 +106,7 @@ async def serve(
                 store_url=redact(url),
                 stats=stats,
                 cache=cache,
-                cache_max_bytes=opts.lru_bytes - opts.digest_cache_bytes,
+                cache_max_bytes=opts.block_cache_bytes,
                 readahead_max_bytes=opts.readahead,
                 started_s=time.monotonic(),
             )

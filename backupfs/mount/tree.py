@@ -6,7 +6,7 @@ from urllib.parse import quote
 
 from backupfs.errors import ManifestError
 from backupfs.store.chains import MAX_CHAIN_DEPTH
-from backupfs.store.image import ChainLink, Image, VirtualDisk
+from backupfs.store.image import ChainLink, Image, VirtualDisk, stored_images
 from backupfs.store.manifest import Catalogue, DiskEntry, digests_path, image_path
 
 log = logging.getLogger(__name__)
@@ -57,11 +57,7 @@ class Tree:
         """The stored files behind the served ones, each once."""
         seen: dict[int, Image] = {}
         for served in self.images():
-            links = (
-                served.links if isinstance(served, VirtualDisk) else [ChainLink("raw", [served])]
-            )
-            for link in links:
-                seen.update((i.image_id, i) for i in link.images)
+            seen.update((i.image_id, i) for i in stored_images(served))
         return list(seen.values())
 
 

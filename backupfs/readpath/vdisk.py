@@ -64,14 +64,11 @@ class DiskReader:
                 disk.layers = layers
 
     async def _open_link(self, link: ChainLink) -> Layer:
-        top = link.images[0]
-        name = top.url.rsplit("/", 1)[-1]
-        layer = LAYERS[link.format](name, top.size_bytes)
-        sizes = [i.size_bytes for i in link.images]
-        for read in open_reads_checked(layer, lambda: sizes, name):
+        layer = LAYERS[link.format](link.name, link.sizes[0])
+        for read in open_reads_checked(layer, lambda: link.sizes, link.name):
             layer.load(read, await self._stored(link, read))
         if len(layer.files) != len(link.images) - 1:
-            raise FormatError(f"{name}: its extent files are not the catalogue's")
+            raise FormatError(f"{link.name}: its extent files are not the catalogue's")
         return layer
 
     async def _stored(self, link: ChainLink, read: TableRead) -> bytes:
@@ -121,14 +118,12 @@ class DiskReader:
         """Virtual `[start, end)` of layer `depth` as extents (its tables read as needed)."""
         assert disk.layers is not None
         layer, link = disk.layers[depth], disk.links[depth]
-        sizes = [i.size_bytes for i in link.images]
-        name = link.images[0].url.rsplit("/", 1)[-1]
         tables: dict[TableRead, bytes] = {}
         for read in layer.table_reads(start, end):
-            check_read(layer, read, sizes, name)
+            check_read(layer, read, link.sizes, link.name)
             tables[read] = await self._table(link, read)
         extents = layer.map(start, end, tables)
-        check_extents(extents, start, end, sizes, name)
+        check_extents(extents, start, end, link.sizes, link.name)
         return extents
 
     async def _read_layer(

@@ -4,6 +4,7 @@ A check either passes or raises `FetchError`; `transient` says whether another a
 might succeed.
 """
 
+import functools
 import hashlib
 import re
 from collections.abc import Mapping
@@ -99,6 +100,13 @@ class BlockAssembler:
         self._parts, self._have = [], 0
 
 
+@functools.cache
+def zeros(size: int) -> bytes:
+    """A block of zeros; one object per size (few: block sizes and short last blocks),
+    shared by every block of zeros the mount makes or compares with."""
+    return bytes(size)
+
+
 def verify_blocks(
     blocks: list[bytes],
     start: int,
@@ -116,7 +124,7 @@ def verify_blocks(
     if records is None:
         return
     offset, first = start, start // digest_block_size
-    zeros = bytes(digest_block_size) if marks_zeros else b""
+    block_of_zeros = zeros(digest_block_size) if marks_zeros else b""
     for block in blocks:
         view = memoryview(block)
         for pos in range(0, len(block), digest_block_size):
@@ -124,7 +132,7 @@ def verify_blocks(
             want = records[n * DIGEST_SIZE : (n + 1) * DIGEST_SIZE]
             piece = view[pos : pos + digest_block_size]
             if marks_zeros and want == ZERO_RECORD:
-                good = bytes(piece) == zeros[: len(piece)]  # memcmp, not per item
+                good = bytes(piece) == block_of_zeros[: len(piece)]  # memcmp, not per item
             else:
                 good = hashlib.sha256(piece).digest() == want
             if not good:

@@ -5,7 +5,6 @@ connection happens here and never inside httpx: FIFO, with demand reads before p
 (limiter.py).
 """
 
-import functools
 import logging
 import random
 from collections.abc import Awaitable, Callable
@@ -265,7 +264,7 @@ class StoreClient:
         for run_start, run_end, zero in runs:
             if zero:
                 offsets = range(run_start, run_end, block_size)
-                blocks += [_zeros(min(block_size, run_end - p)) for p in offsets]
+                blocks += [checks.zeros(min(block_size, run_end - p)) for p in offsets]
                 self.stats.zero_bytes += run_end - run_start
             else:
                 blocks += await self._fetch_run(image, run_start, run_end, block_size, urgent)
@@ -363,9 +362,3 @@ class StoreClient:
             raise
         self.stats.bytes_fetched += size
         return blocks
-
-
-@functools.cache
-def _zeros(size: int) -> bytes:
-    """A block of zeros; one object per size, shared by every block the cache holds."""
-    return bytes(size)

@@ -14,6 +14,7 @@ disk is opened and each chunk of records by range, when a read first needs it.
 
 import hashlib
 import os
+from pathlib import Path
 from typing import BinaryIO
 
 from backupfs.ranges import block_count
@@ -24,6 +25,11 @@ ZERO_RECORD = bytes(DIGEST_SIZE)
 INDEX_SUFFIX = ".chunks"  # the chunk index sits beside the digest file
 # The largest chunk index a reader fetches: 2M chunks, 256 TiB of image at 64 KiB blocks.
 MAX_INDEX_BYTES = 64 << 20
+
+
+def index_path_of(digest_file: Path) -> Path:
+    """Where the chunk index of a digest file is: beside it."""
+    return digest_file.with_name(digest_file.name + INDEX_SUFFIX)
 
 
 def digest_file_size(image_size: int, block_size: int) -> int:

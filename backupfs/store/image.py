@@ -1,7 +1,7 @@
 """One disk image of the store as the read path sees it: where it is, how it is cut into
 blocks, and the digests that verify those blocks. Plain data: no I/O, no trio."""
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from backupfs.store.formats.base import Layer
@@ -41,6 +41,12 @@ class ChainLink:
 
     format: str
     images: list[Image]
+    sizes: list[int] = field(init=False)  # of the images: what table offsets are checked by
+    name: str = field(init=False)  # the stored file's name, for messages
+
+    def __post_init__(self) -> None:
+        self.sizes = [i.size_bytes for i in self.images]
+        self.name = self.images[0].url.rsplit("/", 1)[-1]
 
 
 @dataclass

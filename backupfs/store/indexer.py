@@ -19,7 +19,7 @@ from backupfs.errors import ManifestError, UserError
 from backupfs.linux.atomicfile import atomic_writer, write_atomic
 from backupfs.store import manifest
 from backupfs.store.chains import ParentMap, broken_chains, resolve_parent
-from backupfs.store.digestfile import INDEX_SUFFIX, write_digests
+from backupfs.store.digestfile import index_path_of, write_digests
 from backupfs.store.formats.base import ParentRef
 from backupfs.store.manifest import Catalogue, DiskEntry, SnapshotEntry
 from backupfs.store.probing import find_images
@@ -46,7 +46,7 @@ def snapshot_time_ns(name: str, fallback_ns: int) -> int:
 
 def hash_image(image: Path, size: int, block_size: int, digest_file: Path) -> bytes:
     """Write the image's digest file (digestfile.py) and its chunk index; return the index."""
-    index_file = digest_file.with_name(digest_file.name + INDEX_SUFFIX)
+    index_file = index_path_of(digest_file)
     with open(image, "rb", buffering=0) as f, atomic_writer(digest_file) as out:
         index = write_digests(f, size, block_size, out)
     write_atomic(index_file, index)
@@ -83,7 +83,8 @@ def _hashed(
     """The stored file's entry, with its digest file and chunk index written, or `old`'s
     when the file did not change since (same size, mtime and block size, files there)."""
     st = path.stat()
-    digest_file = path.parent / manifest.META_DIR / f"{path.name}.sha256"
+    store, (host, snap, name) = path.parents[2], path.parts[-3:]
+    digest_file = store / manifest.digests_path(host, snap, name)
     if (
         old is not None
         and old.size_bytes == st.st_size
@@ -91,11 +92,11 @@ def _hashed(
         and old.block_size == block_size
         and old.digest_index_sha256 is not None  # else a format 1 entry: hashed again
         and digest_file.exists()
-        and digest_file.with_name(digest_file.name + INDEX_SUFFIX).exists()
+        and index_path_of(digest_file).exists()
     ):
         return DiskEntry(old.name, old.size_bytes, old.mtime_ns, old.block_size,
                          digest_index_sha256=old.digest_index_sha256)  # fmt: skip
-    say(f"hashing {path.relative_to(path.parents[2])} ({st.st_size} bytes)")
+    say(f"hashing {host}/{snap}/{name} ({st.st_size} bytes)")
     index = hash_image(path, st.st_size, block_size, digest_file)
     return DiskEntry(
         name=path.name,

@@ -48,11 +48,7 @@ class DiskEntry:
 
     @property
     def served_name(self) -> str:
-        """The name the mount shows: the guest's disk as a raw `.img` whatever the format."""
-        if self.format == "raw":
-            return self.name
-        stem = self.name.rsplit(".", 1)[0] if "." in self.name else self.name
-        return stem + ".img"
+        return served_name(self.name, self.format)
 
     @property
     def served_size(self) -> int:
@@ -70,6 +66,14 @@ class SnapshotEntry:
 @dataclass(frozen=True)
 class Catalogue:
     snapshots: tuple[SnapshotEntry, ...]
+
+
+def served_name(name: str, fmt: str) -> str:
+    """The name the mount shows a stored file by: the guest's disk as a raw `.img`,
+    whatever the format (a raw image keeps its own name)."""
+    if fmt == "raw":
+        return name
+    return (name.rsplit(".", 1)[0] if "." in name else name) + ".img"
 
 
 def check_name(name: object, what: str) -> str:

@@ -80,10 +80,10 @@ def find_images(snap_dir: Path, say: Callable[[str], None]) -> list[FoundImage]:
         if missing:
             say(f"skipped {image.path}: its extent file {missing[0].name} is missing")
             continue
-        entry = manifest.DiskEntry(image.path.name, 0, 0, 0, format=image.format)
-        other = served.setdefault(entry.served_name, image.path)
+        shown = manifest.served_name(image.path.name, image.format)
+        other = served.setdefault(shown, image.path)
         if other != image.path:
-            say(f"skipped {image.path}: it would be served as {entry.served_name}, as {other} is")
+            say(f"skipped {image.path}: it would be served as {shown}, as {other} is")
             continue
         disks.append(image)
     return disks
