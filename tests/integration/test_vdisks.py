@@ -25,9 +25,10 @@ from tests.support.mounting import mounted, read_stats, run_cli, sha256_file
 from tests.support.nginx import Nginx
 from tests.support.trees import make_tree
 
-pytestmark = pytest.mark.skipif(
-    shutil.which("qemu-img") is None, reason="qemu-img is not installed"
-)
+pytestmark = [
+    pytest.mark.skipif(shutil.which("qemu-img") is None, reason="qemu-img is not installed"),
+    needs_filesystems("ext4"),  # the snapshots' disks are changed through an ext4 loop mount
+]
 MiB = 1 << 20
 DISK_MIB = 64
 SNAPS = ("2026-11-01T0300Z", "2026-11-02T0300Z", "2026-11-03T0300Z")
