@@ -12,6 +12,7 @@ unmounts a path only while the recorded loop device is what is mounted there.
 """
 
 import contextlib
+import dataclasses
 import errno
 import os
 import stat
@@ -22,7 +23,7 @@ from pathlib import Path
 
 from backupfs.attach import fstypes
 from backupfs.attach import state as attach_state
-from backupfs.attach.partitions import Partition, read_disk
+from backupfs.attach.partitions import Partition, Run, joined_volume, read_disk
 from backupfs.attach.state import Attachment, LoopRecord, MountRecord, PartitionRecord
 from backupfs.errors import UsageError, UserError
 from backupfs.linux import loopdev
@@ -31,6 +32,9 @@ from backupfs.linux.tools import failure_reason
 
 MOUNT_TIMEOUT_S = 120
 DEFAULT_CLONES = 4
+# Asks the mount daemon to serve an LVM volume's runs as one file: its path (or a
+# UserError with the reason). The CLI passes plan.volumes.serve_volume.
+ServeVolume = Callable[[str, tuple[Run, ...]], str]
 
 
 @dataclass(frozen=True)
@@ -196,17 +200,39 @@ def _select(parts: list[Partition], req: AttachRequest) -> list[Partition]:
     return chosen
 
 
-def attach(req: AttachRequest, after_loops: Callable[[], None] | None = None) -> Attachment:
+def _joined(parts: list[Partition], serve_volume: ServeVolume | None) -> list[Partition]:
+    """Each volume of several runs served by the mount daemon and probed there, or given
+    the reason it cannot be."""
+    out = []
+    for part in parts:
+        if part.runs is None or part.reason is not None:
+            out.append(part)
+            continue
+        try:
+            if serve_volume is None:
+                raise UserError("its segments must be joined, and nothing here joins them")
+            assert part.volume is not None
+            out.append(joined_volume(part, serve_volume(part.volume, part.runs)))
+        except UserError as exc:
+            out.append(dataclasses.replace(part, reason=str(exc)))
+    return out
+
+
+def attach(
+    req: AttachRequest,
+    after_loops: Callable[[], None] | None = None,
+    serve_volume: ServeVolume | None = None,
+) -> Attachment:
     """Attach as `req` says. `after_loops` runs once every loop device exists and none is
     mounted yet (tests interrupt attach there)."""
     image, target = os.path.realpath(req.image), os.path.realpath(req.target)
     if req.clones < 1:
         raise UsageError("--clones must be at least 1")
     size = _check_image(image)
-    parts = _select(read_disk(image, size), req)
+    parts = _joined(_select(read_disk(image, size), req), serve_volume)
     records = [
         PartitionRecord(p.number, p.start_bytes, p.size_bytes, p.fstype, p.label,
-                        p.reason or fstypes.skip_reason(p.fstype), p.volume)
+                        p.reason or fstypes.skip_reason(p.fstype), p.volume, p.backing)
         for p in parts
     ]  # fmt: skip
     mountable = [r for r in records if r.skipped is None]
@@ -239,8 +265,9 @@ def _set_up(
                 os.mkdir(d, 0o700)
     for clone in range(req.clones):
         for part in mountable:
-            device = loopdev.attach(att.image, part.start_bytes, part.size_bytes, req.direct_io)
-            att.loops.append(LoopRecord(device, part.number, clone, part.start_bytes))
+            on = part.backing or att.image
+            device = loopdev.attach(on, part.start_bytes, part.size_bytes, req.direct_io)
+            att.loops.append(LoopRecord(device, part.number, clone, part.start_bytes, part.backing))
             attach_state.save(att)
     if after_loops is not None:
         after_loops()
@@ -313,7 +340,7 @@ def detach_attachment(att: Attachment) -> None:
     for rec in reversed(att.mounts):
         _unmount(rec)
     for loop in reversed(att.loops):
-        loopdev.detach(loop.device, att.image, loop.start_bytes)
+        loopdev.detach(loop.device, loop.backing or att.image, loop.start_bytes)
     _remove_empty_dirs(att)
     attach_state.remove(att)
 
@@ -343,5 +370,7 @@ def describe(att: Attachment) -> list[str]:
         devices = " ".join(m.device for m in clones)
         drivers = sorted({m.fstype for m in clones if fstypes.is_userspace(m.fstype)})
         by = f" by {', '.join(drivers)}" if drivers else ""
+        if part.backing:
+            by += ", its segments joined by the mount daemon"
         lines.append(f"{head}  {live}/{len(clones)} mounted{by}  ({devices})")
     return lines

@@ -5,8 +5,10 @@ one name, from different snapshots, attach side by side.
 
 Everything here is hostile input: the label, the metadata area header and the text are
 checked with their checksums, sizes are bounded (MAX_TEXT_BYTES, MAX_TOKENS, MAX_DEPTH,
-MAX_VOLUMES), and every extent is checked against the physical volume. A volume that is
-not one contiguous linear range of this disk is listed with the reason it is not mounted.
+MAX_VOLUMES, MAX_SEGMENTS, MAX_STRIPES, MAX_AREAS), every area is checked against its
+physical volume, and no extent may belong to two volumes. Linear and striped segments are
+read (`LogicalVolume.segments`: where each lies, by physical volume id); a volume of any
+other kind (thin, RAID, cache, snapshot) is listed with the reason it is not mounted.
 """
 
 import re
@@ -27,6 +29,9 @@ MAX_TOKENS = 200_000
 MAX_DEPTH = 16
 MAX_VOLUMES = 256
 MAX_LOCNS = 16
+MAX_SEGMENTS = 1024  # of one volume
+MAX_STRIPES = 128
+MAX_AREAS = 16384  # of all volumes of a group
 _TOKEN = re.compile(r'\s*(?:(#[^\n]*)|("(?:[^"\\]|\\.)*")|(-?\d+)|([A-Za-z0-9_.+-]+)|([={}\[\],]))')
 
 
@@ -35,11 +40,40 @@ class LvmError(UserError):
 
 
 @dataclass(frozen=True)
+class Area:
+    """Where one stripe of a segment lies: on which physical volume, how far into it."""
+
+    pv_id: str  # as the label has it: 32 characters, no dashes
+    start_bytes: int  # from the start of the physical volume
+
+
+@dataclass(frozen=True)
+class Segment:
+    """A run of a volume: one area (linear), or stripes of `stripe_bytes` taken in turn
+    from each of its areas, each area holding size_bytes / len(areas)."""
+
+    size_bytes: int
+    stripe_bytes: int
+    areas: tuple[Area, ...]
+
+
+@dataclass(frozen=True)
 class LogicalVolume:
     name: str  # as shown: VG-LV
-    start_bytes: int  # from the start of the physical volume
     size_bytes: int
+    segments: tuple[Segment, ...]
     skipped: str | None  # why it is not mounted, or None
+
+    @property
+    def contiguous(self) -> Area | None:
+        """The one area of a one-segment linear volume: a loop device's range of a disk."""
+        if len(self.segments) == 1 and len(self.segments[0].areas) == 1:
+            return self.segments[0].areas[0]
+        return None
+
+    @property
+    def pv_ids(self) -> set[str]:
+        return {a.pv_id for s in self.segments for a in s.areas}
 
 
 def lvm_crc(data: bytes) -> int:
@@ -173,58 +207,134 @@ def _scalar(token: str) -> Any:
 
 
 def volumes(text: str, pv_id: str, pv_size: int) -> list[LogicalVolume]:
-    """Each visible logical volume of the volume group, where it lies on this physical
-    volume, or why it is not mounted."""
+    """Each visible logical volume of the volume group whose metadata `text` the physical
+    volume `pv_id` (of `pv_size` bytes) holds: its segments, or why it is not mounted.
+    Every area is checked against its physical volume's extents (and this one's size);
+    two volumes sharing an extent, or a volume whose segments leave gaps, is refused."""
     doc = parse_text(text)
     groups = [(k, v) for k, v in doc.items() if isinstance(v, dict)]
     if len(groups) != 1:
         raise LvmError("LVM metadata does not hold one volume group")
     vg_name, vg = groups[0]
     extent = _int(vg, "extent_size") * SECTOR
-    pv_name, pe_start = _this_pv(vg, pv_id)
-    out = []
+    pvs = _physical_volumes(vg, extent)
+    if pv_id not in {v[0] for v in pvs.values()}:
+        raise LvmError("this physical volume is not in its own volume group's metadata")
     lvs = vg.get("logical_volumes", {})
     if not isinstance(lvs, dict) or len(lvs) > MAX_VOLUMES:
         raise LvmError("LVM metadata lists too many logical volumes")
+    out, used = [], _Extents()
     for lv_name, lv in lvs.items():
-        if not isinstance(lv, dict) or "VISIBLE" not in lv.get("status", []):
+        if not isinstance(lv, dict):
             continue
         name = f"{vg_name}-{lv_name}"
-        out.append(_placed(name, lv, pv_name, pe_start * SECTOR, extent, pv_size))
+        found = _laid_out(name, lv, pvs, extent, used)
+        if "VISIBLE" in lv.get("status", []):
+            out.append(found)
+    for found in out:
+        for seg in found.segments:
+            for area in seg.areas:
+                if area.pv_id == pv_id and area.start_bytes + area_bytes(seg) > pv_size:
+                    name = found.name
+                    raise LvmError(f"LVM volume {name} lies past the end of its physical volume")
     return out
 
 
-def _int(section: dict[str, Any], key: str) -> int:
+def area_bytes(seg: Segment) -> int:
+    """How much of its physical volume each area of `seg` takes."""
+    return seg.size_bytes // len(seg.areas)
+
+
+def _int(section: dict[str, Any], key: str, low: int = 1) -> int:
     value = section.get(key)
-    if not isinstance(value, int) or value <= 0 or value > 1 << 62:
-        raise LvmError(f"LVM metadata: {key} is not a positive integer")
+    if not isinstance(value, int) or value < low or value > 1 << 62:
+        adjective = "positive" if low > 0 else "non-negative"
+        raise LvmError(f"LVM metadata: {key} is not a {adjective} integer")
     return value
 
 
-def _this_pv(vg: dict[str, Any], pv_id: str) -> tuple[str, int]:
+def _physical_volumes(vg: dict[str, Any], extent: int) -> dict[str, tuple[str, int, int]]:
+    """name -> (id, pe_start in bytes, bytes of extents it has)."""
     pvs = vg.get("physical_volumes", {})
+    out: dict[str, tuple[str, int, int]] = {}
     for name, pv in pvs.items() if isinstance(pvs, dict) else []:
-        if isinstance(pv, dict) and str(pv.get("id", "")).replace("-", "") == pv_id:
-            return name, _int(pv, "pe_start")
-    raise LvmError("this physical volume is not in its own volume group's metadata")
+        if isinstance(pv, dict) and len(out) < MAX_VOLUMES:
+            pe_count = pv.get("pe_count", 1 << 40)  # absent in old metadata: the size checks
+            if not isinstance(pe_count, int) or not 0 <= pe_count <= 1 << 40:
+                raise LvmError(f"LVM metadata: pe_count of {name} is not a count")
+            pv_id = str(pv.get("id", "")).replace("-", "")
+            out[name] = (pv_id, _int(pv, "pe_start") * SECTOR, pe_count * extent)
+    return out
 
 
-def _placed(
-    name: str, lv: dict[str, Any], pv_name: str, pe_start: int, extent: int, pv_size: int
+class _Extents:
+    """The extents taken so far, per physical volume: a second claim is hostile."""
+
+    def __init__(self) -> None:
+        self.taken: dict[str, list[tuple[int, int, str]]] = {}
+        self.count = 0
+
+    def claim(self, pv: str, start: int, size: int, name: str) -> None:
+        self.count += 1
+        if self.count > MAX_AREAS:
+            raise LvmError(f"LVM metadata has more than {MAX_AREAS} segment areas")
+        for lo, hi, other in self.taken.setdefault(pv, []):
+            if start < hi and lo < start + size:
+                raise LvmError(f"LVM volumes {other} and {name} share extents of {pv}")
+        self.taken[pv].append((start, start + size, name))
+
+
+def _laid_out(
+    name: str,
+    lv: dict[str, Any],
+    pvs: dict[str, tuple[str, int, int]],
+    extent: int,
+    used: _Extents,
 ) -> LogicalVolume:
-    segments = [v for k, v in sorted(lv.items()) if k.startswith("segment") and isinstance(v, dict)]
-    if len(segments) != 1:
-        return LogicalVolume(
-            name, 0, 0, f"{len(segments)} segments (concatenation is not supported yet)"
-        )
-    seg = segments[0]
-    kind, stripes = seg.get("type"), seg.get("stripes")
-    if kind != "striped" or seg.get("stripe_count") != 1 or not isinstance(stripes, list):
-        return LogicalVolume(name, 0, 0, f"a {kind} volume (not supported)")
-    if len(stripes) != 2 or stripes[0] != pv_name or not isinstance(stripes[1], int):
-        return LogicalVolume(name, 0, 0, "lies on another physical volume (not supported yet)")
-    start = pe_start + stripes[1] * extent
-    size = _int(seg, "extent_count") * extent
-    if stripes[1] < 0 or start + size > pv_size:
-        raise LvmError(f"LVM volume {name} lies past the end of its physical volume")
-    return LogicalVolume(name, start, size, None)
+    raw = [v for k, v in lv.items() if k.startswith("segment") and isinstance(v, dict)]
+    if len(raw) > MAX_SEGMENTS:
+        raise LvmError(f"LVM volume {name} has more than {MAX_SEGMENTS} segments")
+    raw.sort(key=lambda seg: _int(seg, "start_extent", 0))
+    segments, next_extent, skipped = [], 0, None
+    for seg in raw:
+        kind, count = seg.get("type"), _int(seg, "extent_count")
+        if _int(seg, "start_extent", 0) != next_extent:
+            raise LvmError(f"LVM volume {name}: its segments overlap or leave a gap")
+        next_extent += count
+        if kind != "striped":
+            skipped = skipped or f"a {kind} volume (not supported)"
+            continue
+        segments.append(_striped(name, seg, (count, extent), pvs, used))
+    if not raw:
+        skipped = "has no segments"
+    size = next_extent * extent
+    return LogicalVolume(name, size, tuple(segments), skipped)
+
+
+def _striped(
+    name: str,
+    seg: dict[str, Any],
+    extents: tuple[int, int],
+    pvs: dict[str, tuple[str, int, int]],
+    used: _Extents,
+) -> Segment:
+    """A striped segment (linear: one stripe) of `extents` = (count, extent bytes)."""
+    count, stripes = _int(seg, "stripe_count"), seg.get("stripes")
+    if count > MAX_STRIPES or not isinstance(stripes, list) or len(stripes) != 2 * count:
+        raise LvmError(f"LVM volume {name}: its stripes are not {count} (PV, extent) pairs")
+    size = extents[0] * extents[1]
+    area_size = size // count
+    stripe = area_size if count == 1 else _int(seg, "stripe_size") * SECTOR
+    if extents[0] % count or area_size % stripe:
+        raise LvmError(f"LVM volume {name}: {extents[0]} extents do not split into {count} stripes")
+    areas = []
+    for pv_name, first in zip(stripes[::2], stripes[1::2], strict=True):
+        if pv_name not in pvs or not isinstance(first, int) or first < 0:
+            raise LvmError(f"LVM volume {name} names a physical volume the group lacks")
+        pv_id, pe_start, pv_bytes = pvs[pv_name]
+        begin = first * extents[1]
+        if begin + area_size > pv_bytes:
+            raise LvmError(f"LVM volume {name} lies past the end of its physical volume")
+        used.claim(pv_name, begin, area_size, name)
+        areas.append(Area(pv_id, pe_start + begin))
+    return Segment(size, stripe, tuple(areas))

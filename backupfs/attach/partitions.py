@@ -4,6 +4,7 @@ Read in userspace (sfdisk, blkid), never through the kernel's partition parsers,
 some kernels lack. Parsing is pure; `read_disk` runs the tools.
 """
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -23,6 +24,7 @@ PROBE_THREADS = 8  # blkid runs (and prereads) at once
 # which would cost probes, loop devices and mounts. A GPT has room for 128 by default.
 MAX_PARTITIONS = 128
 LV_NUMBERS = 1000  # logical volumes are numbered from here (partitions stay below)
+MAX_SIBLING_DISKS = 16  # other disks of a snapshot searched for physical volumes
 _EXTENDED_MBR_TYPES = {"5", "f", "85"}  # containers of logical partitions, not filesystems
 _LDM = "Windows dynamic disk (LDM) volume (not supported)"
 _TYPE_REASONS = {  # partition types known to hold no filesystem backupfs can mount by itself
@@ -36,6 +38,16 @@ _NODE_NUMBER = re.compile(r"(?:p|-part|part)?([0-9]+)")
 
 
 @dataclass(frozen=True)
+class Run:
+    """One segment of a logical volume on disk images: `size_bytes` taken from its areas
+    in stripes of `stripe_bytes` (one area: linear), each area a (disk image, offset)."""
+
+    size_bytes: int
+    stripe_bytes: int
+    areas: tuple[tuple[str, int], ...]
+
+
+@dataclass(frozen=True)
 class Partition:
     number: int  # 0: a bare filesystem, no partition table
     start_bytes: int
@@ -45,6 +57,10 @@ class Partition:
     uuid: str | None = None
     volume: str | None = None  # an LVM logical volume, as VG-LV
     reason: str | None = None  # why it cannot be mounted, whatever its filesystem
+    # A volume that is not one range of this disk: its runs, which the mount daemon
+    # concatenates into one file (attach asks for it); start_bytes is then 0.
+    runs: tuple[Run, ...] | None = None
+    backing: str | None = None  # the file that holds it, when that is not the disk image
 
     @property
     def name(self) -> str:
@@ -172,42 +188,128 @@ def read_disk(image: str, size_bytes: int) -> list[Partition]:
 
 def with_volumes(image: str, parts: list[Partition]) -> list[Partition]:
     """The partitions, each LVM physical volume followed by the logical volumes it holds
-    (numbered from LV_NUMBERS on, named VG-LV; a name seen twice is listed once)."""
+    (numbered from LV_NUMBERS on, named VG-LV; a name seen twice is listed once). The
+    physical volumes of a group are looked for on this disk, then on the other disks of
+    its directory (a snapshot's disk0.img, disk1.img, ...)."""
     out: list[Partition] = []
+    places = _Places(image, parts)
     for part in parts:
         if part.fstype != "LVM2_member":
             out.append(part)
             continue
         try:
-            found = _logical_volumes(image, part, LV_NUMBERS + len(out))
+            pv_id, text = _metadata(image, part.start_bytes, part.size_bytes)
+            found = lvm.volumes(text, pv_id, part.size_bytes)
         except lvm.LvmError as exc:
             out.append(dataclasses.replace(part, reason=f"LVM physical volume: {exc}"))
             continue
         out.append(part)
-        seen = {p.volume for p in out}
-        out += [v for v in found if v.volume not in seen]
+        for lv in found:
+            if lv.name not in {p.volume for p in out}:
+                out.append(_placed(image, lv, LV_NUMBERS + len(out), places))
     return out
 
 
-def _logical_volumes(image: str, pv: Partition, first: int) -> list[Partition]:
+def _metadata(image: str, start: int, size: int) -> tuple[str, str]:
+    """The id and volume group text of the physical volume at `start` of `image`."""
     with open(image, "rb") as f:
 
-        def read(offset: int, size: int) -> bytes:
-            return os.pread(
-                f.fileno(), max(0, min(size, pv.size_bytes - offset)), pv.start_bytes + offset
-            )
+        def read(offset: int, length: int) -> bytes:
+            return os.pread(f.fileno(), max(0, min(length, size - offset)), start + offset)
 
-        pv_id, text = lvm.read_metadata(read, pv.size_bytes)
+        return lvm.read_metadata(read, size)
+
+
+class _Places:
+    """Where each physical volume is: pv id -> (disk image, start, size). Those of this
+    disk are read first; the other disks of its directory only when a volume needs a
+    physical volume this disk lacks."""
+
+    def __init__(self, image: str, parts: list[Partition]) -> None:
+        self.image = image
+        self.found = self._labels(image, [(p.start_bytes, p.size_bytes) for p in parts
+                                          if p.fstype == "LVM2_member"])  # fmt: skip
+        self.scanned = False
+
+    @staticmethod
+    def _labels(image: str, spans: list[tuple[int, int]]) -> dict[str, tuple[str, int, int]]:
+        out: dict[str, tuple[str, int, int]] = {}
+        for start, size in spans:
+            try:
+                pv_id, _ = _metadata(image, start, size)
+            except (lvm.LvmError, OSError):
+                continue
+            out.setdefault(pv_id, (image, start, size))
+        return out
+
+    def of(self, pv_id: str) -> tuple[str, int, int] | None:
+        if pv_id not in self.found and not self.scanned:
+            self.scanned = True
+            for disk in _sibling_disks(self.image):
+                for pv, place in self._labels(disk, _pv_spans(disk)).items():
+                    self.found.setdefault(pv, place)
+        return self.found.get(pv_id)
+
+
+def _sibling_disks(image: str) -> list[str]:
+    """The other regular files of the image's directory (the snapshot's other disks)."""
+    directory = os.path.dirname(image)
+    try:
+        names = sorted(os.listdir(directory))
+    except OSError:
+        return []
     out = []
-    for n, lv in enumerate(lvm.volumes(text, pv_id, pv.size_bytes), first):
-        start = pv.start_bytes + lv.start_bytes
-        if lv.skipped is not None:
-            out.append(Partition(n, start, lv.size_bytes, volume=lv.name, reason=lv.skipped))
-        else:
-            found = probe(image, start, lv.size_bytes)
-            out.append(dataclasses.replace(_with_probe(Partition(n, start, lv.size_bytes), found),
-                                           volume=lv.name))  # fmt: skip
-    return out
+    for name in names:
+        path = os.path.join(directory, name)
+        if path != image and not name.startswith(".") and os.path.isfile(path):
+            out.append(path)
+    return out[:MAX_SIBLING_DISKS]
+
+
+def _pv_spans(disk: str) -> list[tuple[int, int]]:
+    """Where a physical volume may start on `disk`: each partition, and the disk itself."""
+    try:
+        size = os.path.getsize(disk)
+    except OSError:
+        return []
+    spans = [(0, size)]
+    proc = _run(["sfdisk", "--json", disk])
+    if proc.returncode == 0:
+        with contextlib.suppress(UserError):
+            spans += [(p.start_bytes, p.size_bytes) for p in parse_sfdisk_json(proc.stdout)]
+    return spans
+
+
+def _placed(image: str, lv: lvm.LogicalVolume, number: int, places: _Places) -> Partition:
+    """The logical volume as a partition: one range of this disk (a loop device's), runs
+    for the daemon to concatenate, or the reason it is not mounted."""
+    if lv.skipped is not None:
+        return Partition(number, 0, lv.size_bytes, volume=lv.name, reason=lv.skipped)
+    runs = []
+    for seg in lv.segments:
+        areas = []
+        for area in seg.areas:
+            place = places.of(area.pv_id)
+            if place is None:
+                why = f"its physical volume {area.pv_id} is on no disk of {os.path.dirname(image)}"
+                return Partition(number, 0, lv.size_bytes, volume=lv.name, reason=why)
+            disk, start, size = place
+            if area.start_bytes + lvm.area_bytes(seg) > size:
+                why = "it lies past the end of its physical volume"
+                return Partition(number, 0, lv.size_bytes, volume=lv.name, reason=why)
+            areas.append((disk, start + area.start_bytes))
+        runs.append(Run(seg.size_bytes, seg.stripe_bytes, tuple(areas)))
+    if len(runs) == 1 and len(runs[0].areas) == 1 and runs[0].areas[0][0] == image:
+        start = runs[0].areas[0][1]
+        found = probe(image, start, lv.size_bytes)
+        part = _with_probe(Partition(number, start, lv.size_bytes), found)
+        return dataclasses.replace(part, volume=lv.name)
+    return Partition(number, 0, lv.size_bytes, volume=lv.name, runs=tuple(runs))
+
+
+def joined_volume(part: Partition, path: str) -> Partition:
+    """A volume of runs once the mount daemon serves it at `path`: probed there."""
+    return dataclasses.replace(_with_probe(part, probe(path)), backing=path)
 
 
 def _with_probe(part: Partition, found: dict[str, str]) -> Partition:

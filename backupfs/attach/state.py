@@ -49,6 +49,8 @@ class PartitionRecord:
     label: str | None
     skipped: str | None  # why it is not mounted, or None
     name: str | None = None  # an LVM logical volume's VG-LV; else it is p<number>
+    backing: str | None = None  # the file its loop devices are on, if not the image:
+    # a volume the mount daemon joins from several ranges (MNT/.backupfs/volumes/NAME)
 
     @property
     def shown(self) -> str:
@@ -62,6 +64,7 @@ class LoopRecord:
     partition: int
     clone: int
     start_bytes: int
+    backing: str | None = None  # the file it is on, if not the image
 
 
 @dataclass
@@ -213,6 +216,16 @@ def _is_loop(device: object) -> bool:
     return isinstance(device, str) and _LOOP_DEVICE.fullmatch(device) is not None
 
 
+def _is_volume_file(path: object) -> bool:
+    return (
+        isinstance(path, str)
+        and os.path.isabs(path)
+        and os.path.normpath(path) == path
+        and os.path.basename(os.path.dirname(path)) == "volumes"
+        and os.path.basename(os.path.dirname(os.path.dirname(path))) == ".backupfs"
+    )
+
+
 def _inconsistency(att: Attachment, path: Path) -> str | None:
     """What makes a record name something other than its own TARGET, private clone
     directory and loop devices, or None."""
@@ -239,6 +252,9 @@ def _inconsistency(att: Attachment, path: Path) -> str | None:
     for loop in att.loops:
         if not (_is_loop(loop.device) and _is_count(loop.start_bytes)):
             return f"names {loop.device!r}, which is not a loop device"
+    for backing in [p.backing for p in att.partitions] + [r.backing for r in att.loops]:
+        if backing is not None and not _is_volume_file(backing):
+            return f"names {backing!r}, which is not a volume of a mount daemon"
     for m in att.mounts:
         if not (_is_count(m.clone) and _is_count(m.partition) and _is_loop(m.device)):
             return "is malformed"

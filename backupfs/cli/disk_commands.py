@@ -13,6 +13,7 @@ from backupfs.units import human, plural
 
 def cmd_attach(args: argparse.Namespace) -> int:
     from backupfs.attach import lifecycle as attach
+    from backupfs.plan.volumes import serve_volume
 
     att = attach.attach(
         attach.AttachRequest(
@@ -23,7 +24,8 @@ def cmd_attach(args: argparse.Namespace) -> int:
             follow_symlinks=args.follow_symlinks,
             direct_io=args.direct_io,
             share=args.share,
-        )
+        ),
+        serve_volume=serve_volume,
     )
     print("\n".join(attach.describe(att)))
     return 0

@@ -2,7 +2,8 @@
 
 It is absent from directory listings (so `ls`, `find` and `rsync` of the mount never see
 it) but answers a lookup by name. Its inodes sit far above the tree's, which count up
-from 1. Pure data: `view.py` answers lookups and opens with what this module renders.
+from 1. Its `volumes/` directory lists the volumes attach asked for (volumes.py). Pure
+data: `view.py` answers lookups and opens with what this module renders.
 """
 
 import json
@@ -17,6 +18,8 @@ CONTROL_DIR = ".backupfs"
 CONTROL_DIR_INODE = 1 << 62
 STATS_INODE = CONTROL_DIR_INODE + 1
 FILES = {"stats": STATS_INODE}
+VOLUMES_DIR = "volumes"
+VOLUMES_DIR_INODE = CONTROL_DIR_INODE + 2
 
 
 @dataclass

@@ -22,13 +22,16 @@ from dataclasses import dataclass
 import trio
 
 from backupfs.errors import FetchError, StoreError
-from backupfs.mount.tree import ROOT_INODE, Tree
+from backupfs.mount.control import CONTROL_DIR, VOLUMES_DIR
+from backupfs.mount.tree import Tree
+from backupfs.mount.volumes import VolumeRefused
 from backupfs.plan import channel
 from backupfs.plan.channel import MAX_LINE_BYTES, ChannelError, encode, socket_address
 from backupfs.readpath.blocks import BlockReader
 from backupfs.readpath.plans import PlanCursor
-from backupfs.readpath.vdisk import DiskReader, Served
+from backupfs.readpath.vdisk import DiskReader
 from backupfs.remote.metadata import DigestLoader
+from backupfs.store.image import Disk, Served
 
 log = logging.getLogger(__name__)
 Range = tuple[int, int]
@@ -241,20 +244,27 @@ class PlanServer:
             raise PlanError(f"no message for {timeout_s:g}s") from None
 
     def _image(self, rel: str) -> Served:
-        node = self.tree.nodes[ROOT_INODE]
-        for name in rel.split("/"):
-            found = self.tree.lookup(node.inode, name)
-            if found is None:
-                raise PlanError(f"no image {rel!r} in this mount")
-            node = found
+        volumes = f"{CONTROL_DIR}/{VOLUMES_DIR}/"
+        if rel.startswith(volumes) and rel[len(volumes) :] in self.tree.volumes.by_name:
+            return self.tree.volumes.by_name[rel[len(volumes) :]]
+        node = self.tree.find(rel)
+        if node is None:
+            raise PlanError(f"no image {rel!r} in this mount")
         if node.image is None:
             raise PlanError(f"{rel!r} is a directory")
         return node.image
+
+    def _disk(self, rel: str) -> Disk | None:
+        node = self.tree.find(rel)
+        return None if node is None else node.image
 
     async def _session(self, stream: trio.SocketStream) -> None:
         receiver = _Receiver(stream, self.limits.session_bytes)
         head = await self._next(receiver, self.limits.head_timeout_s)
         if head is None:
+            return
+        if "volume" in head:
+            await self._volume(head, stream)
             return
         rel, mode = channel.check_head(head)
         image = self._image(rel)
@@ -262,6 +272,23 @@ class PlanServer:
             await self._warm(image, receiver, stream)
         else:
             await self._restore(image, receiver)
+
+    async def _volume(self, head: dict[str, object], stream: trio.SocketStream) -> None:
+        try:
+            volume = self.tree.volumes.register(channel.check_volume(head), self._disk)
+        except VolumeRefused as exc:
+            raise PlanError(str(exc)) from None
+        log.info("serving volume %s (%d bytes, %d runs)", volume.name, volume.size_bytes,
+                 len(volume.runs))  # fmt: skip
+        path = f"{CONTROL_DIR}/{VOLUMES_DIR}/{volume.name}"
+        reply: dict[str, object] = {
+            "done": True,
+            "error": None,
+            "path": path,
+            "fetched": 0,
+            "total": 0,
+        }
+        await self._send(stream, reply)
 
     async def _restore(self, image: Served, receiver: _Receiver) -> None:
         ranges = _Ranges(self.limits.session_ranges)

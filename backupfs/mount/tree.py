@@ -5,6 +5,7 @@ from dataclasses import dataclass, field
 from urllib.parse import quote
 
 from backupfs.errors import ManifestError
+from backupfs.mount.volumes import VolumeTable
 from backupfs.store.chains import MAX_CHAIN_DEPTH
 from backupfs.store.image import ChainLink, Image, VirtualDisk, stored_images
 from backupfs.store.manifest import Catalogue, DiskEntry, digests_path, image_path
@@ -34,6 +35,7 @@ class Node:
 class Tree:
     def __init__(self) -> None:
         self.nodes: dict[int, Node] = {ROOT_INODE: Node(ROOT_INODE, "", 0)}
+        self.volumes = VolumeTable()  # served under the control directory (volumes.py)
 
     def add(
         self, parent: int, name: str, mtime_ns: int, image: Image | VirtualDisk | None = None
@@ -48,6 +50,16 @@ class Tree:
     def lookup(self, parent: int, name: str) -> Node | None:
         inode = self.nodes[parent].children.get(name)
         return None if inode is None else self.nodes[inode]
+
+    def find(self, rel: str) -> Node | None:
+        """The node at `rel` ("HOST/SNAPSHOT/DISK.img"), or None."""
+        node = self.nodes[ROOT_INODE]
+        for name in rel.split("/"):
+            found = self.lookup(node.inode, name)
+            if found is None:
+                return None
+            node = found
+        return node
 
     def images(self) -> list[Image | VirtualDisk]:
         """What each file serves."""

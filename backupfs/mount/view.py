@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from backupfs.mount import control
 from backupfs.mount.tree import ROOT_INODE, Node, Tree
 from backupfs.readpath.readahead import StreamTracker
-from backupfs.store.image import Image, VirtualDisk
+from backupfs.store.image import Served, Volume
 
 IMMUTABLE_TIMEOUT_S = 24 * 3600.0  # snapshots never change: cache names and attributes a day
 # Control files always had pyfuse3's default timeouts and st_blksize; kept as they were.
@@ -26,6 +26,7 @@ IMAGE_BLKSIZE = 1 << 20  # st_blksize: invites 1 MiB reads
 STATFS_BLOCK_BYTES = 4096
 NAME_MAX = 255
 WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND
+_CONTROL_DIRS = (control.CONTROL_DIR_INODE, control.VOLUMES_DIR_INODE)
 
 
 class ViewError(Exception):
@@ -72,10 +73,11 @@ class ControlFile:
 
 @dataclass(frozen=True)
 class ImageFile:
-    """An opened disk: a raw image (the block reader) or a guest's disk (readpath.vdisk)."""
+    """An opened disk: a raw image (the block reader), a guest's disk or a volume
+    (readpath.vdisk)."""
 
     name: str
-    image: Image | VirtualDisk
+    image: Served
 
 
 def _no_trackers() -> Iterable[StreamTracker]:
@@ -112,6 +114,8 @@ class MountView:
         self._monotonic_s = monotonic_s
 
     def attributes(self, inode: int) -> Attributes:
+        if inode in self.tree.volumes.by_inode:
+            return self._volume_attributes(self.tree.volumes.by_inode[inode])
         if control.is_control(inode):
             return self._control_attributes(inode)
         return self._node_attributes(self._node(inode))
@@ -125,6 +129,10 @@ class MountView:
             return self._control_attributes(control.CONTROL_DIR_INODE)
         if parent_inode == control.CONTROL_DIR_INODE and name in control.FILES:
             return self._control_attributes(control.FILES[name])
+        if parent_inode == control.CONTROL_DIR_INODE and name == control.VOLUMES_DIR:
+            return self._control_attributes(control.VOLUMES_DIR_INODE)
+        if parent_inode == control.VOLUMES_DIR_INODE and name in self.tree.volumes.by_name:
+            return self._volume_attributes(self.tree.volumes.by_name[name])
         if control.is_control(parent_inode) or parent_inode not in self.tree.nodes:
             raise ViewError(errno.ENOENT)
         node = self.tree.lookup(parent_inode, name)
@@ -134,14 +142,19 @@ class MountView:
 
     def open_dir(self, inode: int) -> None:
         """Check that `inode` is a directory that can be listed."""
-        if inode != control.CONTROL_DIR_INODE and not self._node(inode).is_dir:
+        if inode in _CONTROL_DIRS:
+            return
+        if control.is_control(inode) or not self._node(inode).is_dir:
             raise ViewError(errno.ENOTDIR)
 
     def entries(self, dir_inode: int) -> list[tuple[int, str]]:
         """`(inode, name)` of a directory's entries in inode order (readdir resumes after an
         inode). The root's entries leave out the control directory."""
         if dir_inode == control.CONTROL_DIR_INODE:
-            return sorted((inode, name) for name, inode in control.FILES.items())
+            files = [*control.FILES.items(), (control.VOLUMES_DIR, control.VOLUMES_DIR_INODE)]
+            return sorted((inode, name) for name, inode in files)
+        if dir_inode == control.VOLUMES_DIR_INODE:
+            return sorted((v.volume_id, v.name) for v in self.tree.volumes.by_name.values())
         node = self._node(dir_inode)
         if not node.is_dir:
             raise ViewError(errno.ENOTDIR)
@@ -151,8 +164,11 @@ class MountView:
         """EROFS for any write flag, EISDIR for a directory; control files render here."""
         if flags & WRITE_FLAGS:
             raise ViewError(errno.EROFS)
+        if inode in self.tree.volumes.by_inode:
+            volume = self.tree.volumes.by_inode[inode]
+            return ImageFile(volume.name, volume)
         if control.is_control(inode):
-            if inode == control.CONTROL_DIR_INODE:
+            if inode in _CONTROL_DIRS:
                 raise ViewError(errno.EISDIR)
             return ControlFile(self._render(inode))
         node = self._node(inode)
@@ -183,8 +199,9 @@ class MountView:
 
     def _control_attributes(self, inode: int) -> Attributes:
         """Control files change with every read; the kernel reads them with direct I/O."""
-        if inode == control.CONTROL_DIR_INODE:
-            mode, nlink, size = stat.S_IFDIR | self.dir_mode, 2, 0
+        if inode in _CONTROL_DIRS:
+            subdirs = 1 if inode == control.CONTROL_DIR_INODE else 0  # volumes/
+            mode, nlink, size = stat.S_IFDIR | self.dir_mode, 2 + subdirs, 0
         else:
             mode, nlink, size = stat.S_IFREG | self.file_mode, 1, len(self._render(inode))
         return Attributes(
@@ -199,6 +216,22 @@ class MountView:
             mtime_ns=self._wall_ns(),
             entry_timeout_s=CONTROL_TIMEOUT_S,
             attr_timeout_s=CONTROL_TIMEOUT_S,
+        )
+
+    def _volume_attributes(self, volume: Volume) -> Attributes:
+        """A volume never changes (its name is its layout's digest): cached like a disk."""
+        return Attributes(
+            inode=volume.volume_id,
+            mode=stat.S_IFREG | self.file_mode,
+            nlink=1,
+            size=volume.size_bytes,
+            blksize=IMAGE_BLKSIZE,
+            blocks=-(-volume.size_bytes // 512),
+            uid=self.uid,
+            gid=self.gid,
+            mtime_ns=0,
+            entry_timeout_s=IMMUTABLE_TIMEOUT_S,
+            attr_timeout_s=IMMUTABLE_TIMEOUT_S,
         )
 
     def _node_attributes(self, node: Node) -> Attributes:

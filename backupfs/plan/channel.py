@@ -13,6 +13,14 @@ daemon -> client:  {"fetched": N, "total": M}           warm only: progress, rep
 
 A restore keeps its connection open while it copies; closing it ends the plan.
 
+`attach` asks for a volume (an LVM volume of several segments, stripes or disks, which
+the daemon serves as one file, .backupfs/volumes/NAME) in a connection of its own:
+
+client -> daemon:  {"volume": "VG-LV", "runs": [[size, stripe, [["HOST/SNAP/DISK.img",
+                    offset], ...]], ...]}          runs end to end; one area: linear
+daemon -> client:  {"done": true, "error": null | "one line", "path": ".backupfs/volumes/N",
+                    "fetched": 0, "total": 0}
+
 Either side may be hostile: `decode` and the `check_*` functions below accept exactly
 this schema (strict JSON, integers that are not booleans, `0 <= start < end <= image
 size`, at most RANGES_PER_MESSAGE ranges and MAX_LINE_BYTES per line) and raise
@@ -22,14 +30,21 @@ ChannelError, with a one-line reason, for anything else.
 import hashlib
 import json
 import os
+import re
 import socket
 import struct
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Protocol
 
 MAX_LINE_BYTES = 1 << 20
 RANGES_PER_MESSAGE = 4096
 MODES = ("restore", "warm")
+MAX_RUNS = 1024  # of one volume: LVM's segments
+MAX_AREAS = 128  # of one run: LVM's stripes
+MIN_STRIPE_BYTES = 4096
+MAX_VOLUME_NAME = 128
+_VOLUME_NAME = re.compile(r"[A-Za-z0-9+_.-]+")
 _PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 
 Range = tuple[int, int]
@@ -140,3 +155,46 @@ def check_reply(message: Mapping[str, object]) -> dict[str, object]:
         "done": done,
         "error": error,
     }
+
+
+@dataclass(frozen=True)
+class VolumeRequest:
+    name: str
+    runs: list[tuple[int, int, list[tuple[str, int]]]]  # (size, stripe bytes, areas)
+
+
+def check_volume(message: Mapping[str, object]) -> VolumeRequest:
+    """A volume request: a name LVM could have given, and runs of positive sizes whose
+    stripes (at least MIN_STRIPE_BYTES, a multiple of 512) divide each area evenly."""
+    name, raw = message.get("volume"), message.get("runs")
+    if not isinstance(name, str) or len(name) > MAX_VOLUME_NAME or not _VOLUME_NAME.fullmatch(name):
+        raise ChannelError("a volume needs a name of letters, digits and +_.-")
+    if name.startswith("."):
+        raise ChannelError("a volume's name may not start with '.'")
+    if not isinstance(raw, list) or not 0 < len(raw) <= MAX_RUNS:
+        raise ChannelError(f"a volume needs 1 to {MAX_RUNS} runs")
+    runs = []
+    for item in raw:
+        if not isinstance(item, list) or len(item) != 3:
+            raise ChannelError("a run must be [size, stripe, areas]")
+        size, stripe, areas = item
+        if not (_is_int(size) and _is_int(stripe) and isinstance(areas, list)):
+            raise ChannelError("a run must be [size, stripe, areas]")
+        if not 0 < len(areas) <= MAX_AREAS:
+            raise ChannelError(f"a run needs 1 to {MAX_AREAS} areas")
+        if not 0 < size < 1 << 62 or size % (512 * len(areas)):
+            raise ChannelError(f"a run of {size} bytes does not split into {len(areas)} areas")
+        if len(areas) == 1:
+            stripe = size
+        if stripe < MIN_STRIPE_BYTES or stripe % 512 or (size // len(areas)) % stripe:
+            raise ChannelError(f"stripes of {stripe} bytes do not divide a run of {size}")
+        places = []
+        for area in areas:
+            if not (isinstance(area, list) and len(area) == 2 and isinstance(area[0], str)
+                    and _is_int(area[1]) and 0 <= area[1] < 1 << 62):  # fmt: skip
+                raise ChannelError("an area must be [image path, offset]")
+            places.append((area[0], area[1]))
+        runs.append((size, stripe, places))
+    if sum(r[0] for r in runs) >= 1 << 62:
+        raise ChannelError("a volume that large is not a disk's")
+    return VolumeRequest(name, runs)

@@ -50,7 +50,8 @@ class ImageSource:
     fstype: str
 
 
-def _backupfs_mount(image: str) -> tuple[str, str] | None:
+def backupfs_mount(image: str) -> tuple[str, str] | None:
+    """(mountpoint, path inside it) of the backupfs mount holding `image`, or None."""
     best = ""
     for m in read_mounts():
         if m.fstype == "fuse.backupfs" and image.startswith(m.mount_point.rstrip("/") + "/"):
@@ -63,7 +64,7 @@ def source_of(path: str) -> ImageSource | None:
     where = attach_state.locate(path)
     if where is None:
         return None
-    served = _backupfs_mount(where.attachment.image)
+    served = backupfs_mount(where.partition.backing or where.attachment.image)
     if served is None or where.mount.fstype not in PLANNABLE_FS:
         return None
     return ImageSource(served[0], served[1], where.partition.start_bytes, where.mount.fstype)
@@ -120,6 +121,29 @@ def batched(
         yield batch
 
 
+class NotOurDaemon(OSError):
+    """The plan socket is held by a process of another user."""
+
+
+def connect(mountpoint: str, timeout_s: float = PLAN_TIMEOUT_S) -> socket.socket:
+    """A connection to the daemon of `mountpoint`, whose peer is root or our own user;
+    every later send and receive has `timeout_s`. OSError (NotOurDaemon) otherwise."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        sock.settimeout(min(timeout_s, CONNECT_TIMEOUT_S))
+        sock.connect(socket_address(mountpoint))
+        uid = peer_uid(sock)
+        if uid not in (0, os.getuid()):
+            raise NotOurDaemon(
+                f"the plan socket of {mountpoint} is held by uid {uid}, not by root or by us"
+            )
+        sock.settimeout(timeout_s)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
 class PlanSession:
     """One connection to a mount daemon, carrying one plan for one image.
 
@@ -135,20 +159,15 @@ class PlanSession:
     def open(
         cls, source: ImageSource, mode: str, timeout_s: float = PLAN_TIMEOUT_S
     ) -> "PlanSession | None":
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         try:
-            sock.settimeout(min(timeout_s, CONNECT_TIMEOUT_S))
-            sock.connect(socket_address(source.mountpoint))
-            uid = peer_uid(sock)
-            if uid not in (0, os.getuid()):
-                log.warning(
-                    "no read plan: the plan socket of %s is held by uid %d, not by root or by us",
-                    source.mountpoint,
-                    uid,
-                )
-                sock.close()
-                return None
-            sock.settimeout(timeout_s)
+            sock = connect(source.mountpoint, timeout_s)
+        except NotOurDaemon as exc:
+            log.warning("no read plan: %s", exc)
+            return None
+        except OSError as exc:
+            log.info("no read plan: the daemon of %s does not answer: %s", source.mountpoint, exc)
+            return None
+        try:
             sock.sendall(encode({"image": source.image, "mode": mode}))
         except OSError as exc:
             log.info("no read plan: the daemon of %s does not answer: %s", source.mountpoint, exc)

@@ -1,7 +1,8 @@
 """Reading what a file of the mount serves (`DiskReader`): a raw image goes straight to
 the block reader; a virtual disk (qcow2, VMDK, VHD, VHDX, and their chains) goes through
 its layers' tables, which are blocks of stored images like any other: fetched, verified
-and cached by BlockReader.
+and cached by BlockReader; a volume (store.image.Volume: an LVM volume of several
+segments or stripes) is cut into pieces of its disks, each read as above.
 
 A read of virtual `[start, end)` asks the top layer which table pieces it needs, reads
 them, maps the range into extents and reads each: DATA from a stored file, COMPRESSED
@@ -33,10 +34,9 @@ from backupfs.store.formats.base import (
     open_reads_checked,
 )
 from backupfs.store.formats.registry import LAYERS
-from backupfs.store.image import ChainLink, Image, VirtualDisk
+from backupfs.store.image import ChainLink, Image, Served, VirtualDisk, Volume
 
 log = logging.getLogger(__name__)
-Served = Image | VirtualDisk  # what a file of the mount serves
 UNIT_CACHE_BYTES = 16 << 20  # decompressed clusters/grains kept for the reads that follow
 TABLE_CACHE_BYTES = 8 << 20  # blocks of second-level tables (L2, grain tables, bitmaps)
 
@@ -47,7 +47,7 @@ class DiskReader:
         self._locks: dict[int, trio.Lock] = {}
         self._units: LRUCache[Hashable, bytes] = LRUCache(UNIT_CACHE_BYTES, getsizeof=len)
         self._tables: LRUCache[Hashable, bytes] = LRUCache(TABLE_CACHE_BYTES, getsizeof=len)
-        self._reading_ahead: set[int] = set()  # disks with a readahead task running
+        self._reading_ahead: set[int] = set()  # disks (_key) with a readahead task running
 
     async def open(self, disk: VirtualDisk) -> None:
         """Read every layer's header and first-level tables (once per disk)."""
@@ -100,19 +100,48 @@ class DiskReader:
         FormatError (a table that breaks the format's rules)."""
         if isinstance(disk, Image):
             return await self.reader.read(disk, offset, size, tracker)
-        await self.open(disk)
+        if isinstance(disk, VirtualDisk):
+            await self.open(disk)
         end = min(offset + size, disk.size_bytes)
         if offset >= end:
             return b""
         note = _ReadNote()
         with trio.move_on_after(self.reader.config.read_deadline_s):
-            data = await self._read_layer(disk, 0, offset, end, note)
+            if isinstance(disk, VirtualDisk):
+                data = await self._read_layer(disk, 0, offset, end, note)
+            else:
+                data = await self._read_volume(disk, offset, end, note)
             self.reader.stats.bytes_served += len(data)  # zeros included, tables not
             # Reads of planned blocks say nothing about what comes next (as for raw images).
             if tracker is not None and not (note.data and note.planned):
                 self._read_ahead(disk, offset, end - offset, tracker)
             return data
         raise FetchError(f"no data within {self.reader.config.read_deadline_s:g}s", transient=True)
+
+    async def _read_volume(self, volume: Volume, start: int, end: int, note: "_ReadNote") -> bytes:
+        """Virtual `[start, end)` of a volume: its pieces read at once, from raw images
+        (uncounted, like a chain's stored reads) or through their disks' tables."""
+        pieces = volume.pieces(start, end)
+        parts: list[bytes] = [b""] * len(pieces)
+        failed: list[Exception] = []
+
+        async def one(i: int, disk: Image | VirtualDisk, offset: int, length: int) -> None:
+            try:
+                if isinstance(disk, Image):
+                    note.saw(self.reader, disk, offset, length)
+                    parts[i] = await self.reader.read(disk, offset, length, counted=False)
+                else:
+                    await self.open(disk)
+                    parts[i] = await self._read_layer(disk, 0, offset, offset + length, note)
+            except (FetchError, FormatError) as exc:  # the first one is the read's error
+                failed.append(exc)
+
+        async with trio.open_nursery() as nursery:
+            for i, piece in enumerate(pieces):
+                nursery.start_soon(one, i, *piece)
+        if failed:
+            raise failed[0]
+        return b"".join(parts)
 
     async def extents(self, disk: VirtualDisk, depth: int, start: int, end: int) -> list[Extent]:
         """Virtual `[start, end)` of layer `depth` as extents (its tables read as needed)."""
@@ -185,14 +214,15 @@ class DiskReader:
         return unit
 
     def _read_ahead(
-        self, disk: VirtualDisk, offset: int, size: int, tracker: StreamTracker
+        self, disk: VirtualDisk | Volume, offset: int, size: int, tracker: StreamTracker
     ) -> None:
         ahead = tracker.on_read(offset, size, self.reader.readahead_limit())
-        if ahead is not None and disk.disk_id not in self._reading_ahead:
-            self._reading_ahead.add(disk.disk_id)
+        key = _key(disk)
+        if ahead is not None and key not in self._reading_ahead:
+            self._reading_ahead.add(key)
             self.reader.nursery.start_soon(self._prefetch, disk, *ahead)
 
-    async def _prefetch(self, disk: VirtualDisk, start: int, end: int) -> None:
+    async def _prefetch(self, disk: VirtualDisk | Volume, start: int, end: int) -> None:
         """Start fetching the stored ranges behind virtual `[start, end)`; failures only
         cost the readahead (the read that needs the bytes reports them)."""
         try:
@@ -200,7 +230,7 @@ class DiskReader:
         except (FetchError, FormatError) as exc:
             log.debug("readahead of %s stopped: %s", disk.name, exc)
         finally:
-            self._reading_ahead.discard(disk.disk_id)
+            self._reading_ahead.discard(_key(disk))
 
     async def plan(
         self, disk: Served, start: int, end: int, cursor: PlanCursor, position: int
@@ -226,6 +256,11 @@ class DiskReader:
         what a read plan or readahead fetches. Zeros cost nothing."""
         if isinstance(disk, Image):
             return [(disk, start, min(end, disk.size_bytes))] if start < end else []
+        if isinstance(disk, Volume):
+            found = []
+            for piece, lo, length in disk.pieces(start, end):
+                found += await self.stored_ranges(piece, lo, lo + length)
+            return _coalesced(found)
         await self.open(disk)
         assert disk.layers is not None
         end = min(end, disk.size_bytes)
@@ -244,6 +279,11 @@ class DiskReader:
                     if e.start < top:
                         todo.append((depth + 1, e.start, top))
         return _coalesced(out)
+
+
+def _key(disk: VirtualDisk | Volume) -> int:
+    """One id space for both: a volume's ids are the control directory's inodes."""
+    return disk.disk_id if isinstance(disk, VirtualDisk) else disk.volume_id
 
 
 class _ReadNote:

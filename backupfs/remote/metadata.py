@@ -9,7 +9,7 @@ from backupfs.errors import FetchError, ManifestError
 from backupfs.remote.client import MAX_METADATA_BYTES, StoreClient, redact
 from backupfs.remote.digests import ChunkCache, ChunkedDigests, LoadedDigests
 from backupfs.store import digestfile, manifest
-from backupfs.store.image import BlockDigests, Image, VirtualDisk, stored_images
+from backupfs.store.image import BlockDigests, Image, Served, stored_images
 from backupfs.units import human
 
 log = logging.getLogger(__name__)
@@ -60,7 +60,7 @@ class DigestLoader:
             if image.digests is None:
                 image.digests = await self._load(image, image.digests_path)
 
-    async def ensure_served(self, served: Image | VirtualDisk) -> None:
+    async def ensure_served(self, served: Served) -> None:
         """The digests of every stored file a served disk reads (a chain's: all of them)."""
         for image in stored_images(served):
             await self.ensure(image)

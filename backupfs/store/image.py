@@ -1,6 +1,9 @@
-"""One disk image of the store as the read path sees it: where it is, how it is cut into
-blocks, and the digests that verify those blocks. Plain data: no I/O, no trio."""
+"""What a file of the mount serves, as the read path sees it: a stored disk image (where
+it is, how it is cut into blocks, the digests that verify those blocks), a guest's disk
+read through a chain of images, or a volume concatenated (and striped) from ranges of
+those. Plain data: no I/O, no trio."""
 
+import bisect
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -61,8 +64,66 @@ class VirtualDisk:
     layers: list[Layer] | None = None  # opened from the headers on first open
 
 
-def stored_images(served: "Image | VirtualDisk") -> list[Image]:
-    """The stored files a served disk reads: the image itself, or every file of its chain."""
+Disk = Image | VirtualDisk  # what a volume's runs lie on
+
+
+@dataclass(frozen=True)
+class VolumeRun:
+    """`size_bytes` of a volume from `start`, taken from its areas (disk, offset) in
+    stripes of `stripe_bytes`, each area in turn; one area: a plain range of its disk."""
+
+    start: int
+    size_bytes: int
+    stripe_bytes: int
+    areas: tuple[tuple[Disk, int], ...]
+
+
+@dataclass
+class Volume:
+    """An LVM logical volume that is not one range of one disk (several segments, stripes,
+    several disks), served whole as one file: what device-mapper would concatenate."""
+
+    volume_id: int  # unique among what the mount serves (an inode of the control directory)
+    name: str
+    size_bytes: int
+    runs: list[VolumeRun]  # in order, end to end from 0
+    starts: list[int] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.starts = [r.start for r in self.runs]
+
+    def pieces(self, start: int, end: int) -> list[tuple[Disk, int, int]]:
+        """(disk, offset, length) of each piece of `[start, end)`, in order."""
+        out: list[tuple[Disk, int, int]] = []
+        end = min(end, self.size_bytes)
+        i = max(0, bisect.bisect_right(self.starts, start) - 1)
+        while start < end and i < len(self.runs):
+            run = self.runs[i]
+            lo, hi = start - run.start, min(end, run.start + run.size_bytes) - run.start
+            count = len(run.areas)
+            while lo < hi:
+                chunk, within = divmod(lo, run.stripe_bytes)
+                row, stripe = divmod(chunk, count)
+                take = min(run.stripe_bytes - within, hi - lo)
+                disk, offset = run.areas[stripe]
+                out.append((disk, offset + row * run.stripe_bytes + within, take))
+                lo += take
+            start, i = run.start + hi, i + 1
+        return out
+
+
+Served = Image | VirtualDisk | Volume  # what a file of the mount serves
+
+
+def stored_images(served: Served) -> list[Image]:
+    """The stored files a served disk reads: the image itself, every file of its chain,
+    or those of every disk a volume lies on."""
     if isinstance(served, Image):
         return [served]
-    return [image for link in served.links for image in link.images]
+    if isinstance(served, VirtualDisk):
+        return [image for link in served.links for image in link.images]
+    seen: dict[int, Image] = {}
+    for run in served.runs:
+        for disk, _ in run.areas:
+            seen.update((i.image_id, i) for i in stored_images(disk))
+    return list(seen.values())

@@ -1,13 +1,15 @@
-"""LVM read in userspace: a GPT disk with an ext4 partition and an LVM physical volume made
-by the real lvm2 tools (no device-mapper: --driverloaded n, volumes never activated),
-attached through a real mount. A one-segment volume is mounted as VG-LV, a two-segment
-one and a swap volume are listed with their reasons, and two snapshots whose volume groups
-have the same name attach side by side."""
+"""LVM read in userspace, through a real mount: a snapshot of two disks made by the real
+lvm2 tools (no device-mapper: --driverloaded n, volumes never activated). disk0.img is a
+GPT disk with an ext4 /boot and two physical volumes, disk1.img a physical volume with no
+table; one volume group spans all three. A one-segment volume is loop-mounted as VG-LV
+straight from its disk; a two-segment one, a striped one and one spread over both disks
+are joined by the mount daemon (MNT/.backupfs/volumes/) and mounted the same way; a swap
+volume is listed with its reason; two snapshots whose groups have the same name attach
+side by side (the second one's disks in qcow2, so its volumes lie on virtual disks);
+files are compared by SHA-256, restored through a read plan, and nothing is left behind.
+"""
 
-import contextlib
-import re
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -15,101 +17,104 @@ import pytest
 from tests.support.attachment import attach_env, attached, served_store
 from tests.support.fsimages import PartSpec, make_fs_image, run_tool, sparse_copy
 from tests.support.kernel import needs_filesystems
-from tests.support.mounting import run_cli, sha256_file
+from tests.support.lvm_images import loop, lvm, pe_start, segments, write_volume
+from tests.support.mounting import read_stats, run_cli, sha256_file
 from tests.support.system import mount_points_under
 from tests.support.trees import make_tree
 
 MiB, SECTOR = 1 << 20, 512
-PV_START, PV_MIB = 17 * MiB, 78
+EXTENT = MiB  # vgcreate -s 1M
+P2_START, P2_MIB, P3_START, P3_MIB, DISK1_MIB = 17 * MiB, 40, 57 * MiB, 24, 24
 LINUX, LVM_PV = "0FC63DAF-8483-4772-8E79-3D69D8477DE4", "E6D6D379-F507-44C2-A23C-238F2A3DF928"
-# No device-mapper here, and nothing of the host's LVM state touched: no backups, no archive.
-LVM = ["--driverloaded", "n", "--config", "backup { backup = 0 archive = 0 }"]
-pytestmark = pytest.mark.skipif(shutil.which("pvcreate") is None, reason="lvm2 is not installed")
+FILESYSTEMS = {"home": 12, "root": 12, "data": 16, "far": 16}  # volume: MiB of its ext4
+pytestmark = [
+    pytest.mark.skipif(shutil.which("pvcreate") is None, reason="lvm2 is not installed"),
+    pytest.mark.skipif(shutil.which("qemu-img") is None, reason="qemu-img is not installed"),
+]
 
 
-@contextlib.contextmanager
-def _loop(path: Path, offset: int, size: int) -> Iterator[str]:
-    device = run_tool(["losetup", "-f", "--show", "--offset", str(offset), "--sizelimit",
-                       str(size), str(path)]).strip()  # fmt: skip
-    try:
-        yield device
-    finally:
-        run_tool(["losetup", "-d", device])
-
-
-def _lvm(*args: str) -> str:
-    return run_tool([args[0], *LVM, *args[1:]])
-
-
-def _layout(device: str) -> tuple[int, dict[str, list[tuple[int, int]]]]:
-    """pe_start in bytes, and each volume's (first extent, last extent) ranges."""
-    pe_start = int(_lvm("pvs", "--noheadings", "--units", "b", "--nosuffix", "-o", "pe_start",
-                        device).strip())  # fmt: skip
-    out = _lvm("lvs", "--noheadings", "-o", "lv_name,seg_pe_ranges", "vgdata")
-    ranges: dict[str, list[tuple[int, int]]] = {}
-    for line in out.splitlines():
-        name, where = line.split()
-        lo, hi = re.fullmatch(r".*:(\d+)-(\d+)", where).groups()  # type: ignore[union-attr]
-        ranges.setdefault(name, []).append((int(lo), int(hi)))
-    return pe_start, ranges
-
-
-def _disk(path: Path, work: Path, sums: dict[str, dict[str, str]]) -> None:
-    run_tool(["truncate", "-s", f"{PV_START // MiB + PV_MIB + 1}M", str(path)])
-    pv = f"start={PV_START // SECTOR}, size={PV_MIB * MiB // SECTOR}, type={LVM_PV}"
-    script = f"label: gpt\nstart=2048, size={16 * MiB // SECTOR}, type={LINUX}\n{pv}\n"
+def _snapshot(snap: Path, work: Path, sums: dict[str, dict[str, str]]) -> None:
+    disk0, disk1 = snap / "disk0.img", snap / "disk1.img"
+    run_tool(["truncate", "-s", f"{P3_START // MiB + P3_MIB + 1}M", str(disk0)])
+    run_tool(["truncate", "-s", f"{DISK1_MIB}M", str(disk1)])
+    script = (
+        f"label: gpt\nstart=2048, size={16 * MiB // SECTOR}, type={LINUX}\n"
+        f"start={P2_START // SECTOR}, size={P2_MIB * MiB // SECTOR}, type={LVM_PV}\n"
+        f"start={P3_START // SECTOR}, size={P3_MIB * MiB // SECTOR}, type={LVM_PV}\n"
+    )
     run_tool(["sfdisk", "--quiet", "--no-reread", "--no-tell-kernel", "--wipe", "never",
-              str(path)], stdin=script)  # fmt: skip
-    boot, home = work / "boot.ext4", work / "home.ext4"
+              str(disk0)], stdin=script)  # fmt: skip
     sums["p1"] = make_tree(work / "boot", seed=1, files=6, special=False)
-    sums["vgdata-home"] = make_tree(work / "home", seed=2, files=12, special=False)
-    make_fs_image(boot, PartSpec("ext4", 16, "boot", work / "boot"))
-    make_fs_image(home, PartSpec("ext4", 16, "home", work / "home"))
-    sparse_copy(boot, path, MiB)
-    with _loop(path, PV_START, PV_MIB * MiB) as device:
-        _lvm("pvcreate", "-q", device)
-        _lvm("vgcreate", "-q", "vgdata", device)
-        for name, size in (("root", "8M"), ("home", "16M"), ("swap", "4M")):
-            _lvm("lvcreate", "-q", "-an", "-Zn", "-n", name, "-L", size, "vgdata")
-        _lvm("lvextend", "-q", "-L", "+4M", "vgdata/root")  # now two segments (inactive)
-        pe_start, ranges = _layout(device)  # the host keeps nothing once the loop is gone
-    extent = 4 * MiB
-    ((lo, _),) = ranges["home"]
-    sparse_copy(home, path, PV_START + pe_start + lo * extent)
+    make_fs_image(work / "boot.ext4", PartSpec("ext4", 16, "boot", work / "boot"))
+    sparse_copy(work / "boot.ext4", disk0, MiB)
+    with (
+        loop(disk0, P2_START, P2_MIB * MiB) as p2,
+        loop(disk0, P3_START, P3_MIB * MiB) as p3,
+        loop(disk1, 0, DISK1_MIB * MiB) as d1,
+    ):
+        for device in (p2, p3, d1):
+            lvm("pvcreate", "-q", device)
+        lvm("vgcreate", "-q", "-s", "1M", "vgdata", p2, p3, d1)
+        new = ["lvcreate", "-q", "-an", "-Zn", "-n"]
+        lvm(*new, "home", "-L", "12M", "vgdata", p2)
+        lvm(*new, "root", "-L", "8M", "vgdata", p2)
+        lvm(*new, "swap", "-L", "4M", "vgdata", p2)
+        lvm("lvextend", "-q", "-L", "+4M", "vgdata/root", p2)  # two segments, swap between
+        lvm(*new, "data", "-L", "16M", "-i", "2", "-I", "64k", "vgdata", p2, p3)
+        lvm(*new, "far", "-L", "8M", "vgdata", d1)
+        lvm("lvextend", "-q", "-L", "+8M", "vgdata/far", p3)  # over both disks
+        layout = segments("vgdata")
+        places = {p2: (disk0, P2_START + pe_start(p2)), p3: (disk0, P3_START + pe_start(p3)),
+                  d1: (disk1, pe_start(d1))}  # fmt: skip
+    assert [len(layout[v]) for v in ("home", "root", "data", "far")] == [1, 2, 1, 2], layout
+    for seed, (name, mib) in enumerate(FILESYSTEMS.items(), 2):
+        sums[f"vgdata-{name}"] = make_tree(work / name, seed=seed, files=10, special=False)
+        make_fs_image(work / f"{name}.ext4", PartSpec("ext4", mib, name, work / name))
+        write_volume(work / f"{name}.ext4", layout[name], EXTENT, places)
     swap = work / "swap"
     run_tool(["truncate", "-s", "4M", str(swap)])
     run_tool(["mkswap", "-q", str(swap)])
-    ((lo, _),) = ranges["swap"]
-    sparse_copy(swap, path, PV_START + pe_start + lo * extent)
+    write_volume(swap, layout["swap"], EXTENT, places)
 
 
 @needs_filesystems("ext4")
-def test_logical_volumes_attach_by_name_and_same_named_groups_side_by_side(
-    tmp_path: Path,
-) -> None:
+def test_volumes_of_segments_stripes_and_two_disks_attach_side_by_side(tmp_path: Path) -> None:
     store, work = tmp_path / "store", tmp_path / "work"
+    old_snap, new_snap = store / "db01" / "2026-11-19T0300Z", store / "db01" / "2026-11-20T0300Z"
+    old_snap.mkdir(parents=True)
     (work / "serve").mkdir(parents=True)
     sums: dict[str, dict[str, str]] = {}
-    first = store / "db01" / "2026-11-19T0300Z" / "disk0.img"
-    first.parent.mkdir(parents=True)
-    _disk(first, work, sums)
-    second = store / "db01" / "2026-11-20T0300Z" / "disk0.img"
-    second.parent.mkdir(parents=True)
-    run_tool(["cp", "--sparse=always", str(first), str(second)])  # same VG name, same ids
+    _snapshot(old_snap, work, sums)
+    new_snap.mkdir()  # same group name, same ids; qcow2, so volumes lie on virtual disks
+    for disk in ("disk0", "disk1"):
+        run_tool(["qemu-img", "convert", "-O", "qcow2", str(old_snap / f"{disk}.img"),
+                  str(new_snap / f"{disk}.qcow2")])  # fmt: skip
+    expected = ["p1", "vgdata-data", "vgdata-far", "vgdata-home", "vgdata-root"]
     with served_store(store, work / "serve") as served:
         env = attach_env(work / "run")
         old = served.image("db01/2026-11-19T0300Z/disk0.img")
         new = served.image("db01/2026-11-20T0300Z/disk0.img")
         with attached(old, work / "old", env) as a, attached(new, work / "new", env) as b:
             for att in (a, b):
-                assert sorted(p.name for p in att.target.iterdir()) == ["p1", "vgdata-home"]
+                assert sorted(p.name for p in att.target.iterdir()) == expected
                 for shown, tree in sums.items():
                     for rel, digest in tree.items():
                         assert sha256_file(att.target / shown / rel) == digest, (shown, rel)
             status = run_cli("status", env=env)
             assert status.returncode == 0, status.stderr
             lines = status.stdout.splitlines()
-            assert any("vgdata-root" in x and "2 segments" in x for x in lines), lines
+            joined = [x for x in lines if "joined by the mount daemon" in x]
+            assert len(joined) == 6, lines  # root, data, far of each snapshot
+            assert not any("vgdata-home" in x for x in joined), lines
             assert any("vgdata-swap  swap" in x and "skipped: swap" in x for x in lines), lines
-            assert any("p2  LVM2_member" in x and "listed as VG-LV" in x for x in lines), lines
+            volumes = sorted(p.name for p in (served.mnt / ".backupfs/volumes").iterdir())
+            assert len(volumes) == 6 and all(v.startswith("vgdata-") for v in volumes), volumes
+            dest, before = work / "restored", read_stats(served.mnt)["plan_bytes"]
+            done = run_cli("restore", str(b.target / "vgdata-far"), str(dest), env=env)
+            assert done.returncode == 0, done.stderr
+            assert read_stats(served.mnt)["plan_bytes"] > before  # planned through the volume
+            for rel, digest in sums["vgdata-far"].items():
+                assert sha256_file(dest / rel) == digest, rel
         assert mount_points_under(work / "old") == mount_points_under(work / "new") == []
+    leftover = run_tool(["losetup", "-j", str(old)]) + run_tool(["losetup", "-a"])
+    assert ".backupfs/volumes" not in leftover and str(store) not in leftover, leftover
