@@ -302,13 +302,35 @@ def _laid_out(
             raise LvmError(f"LVM volume {name}: its segments overlap or leave a gap")
         next_extent += count
         if kind != "striped":
-            skipped = skipped or f"a {kind} volume (not supported)"
+            skipped = skipped or kind_reason(kind)
             continue
         segments.append(_striped(name, seg, (count, extent), pvs, used))
     if not raw:
         skipped = "has no segments"
     size = next_extent * extent
     return LogicalVolume(name, size, tuple(segments), skipped)
+
+
+_KINDS = {  # segment type -> what it is, for the reason a volume is not mounted
+    "thin": "a thin volume",
+    "thin-pool": "a thin pool",
+    "snapshot": "a snapshot volume",
+    "mirror": "a mirrored volume",
+    "cache": "a cached volume",
+    "writecache": "a cached volume",
+    "cache-pool": "a cache pool",
+    "vdo": "a VDO volume",
+    "vdo-pool": "a VDO pool",
+    "integrity": "an integrity volume",
+}
+
+
+def kind_reason(kind: object) -> str:
+    """Why a volume of a segment type other than linear or striped is not mounted."""
+    text = str(kind)[:40]
+    if text.startswith("raid"):
+        return f"a RAID volume ({text}: not supported)"
+    return f"{_KINDS.get(text, f'a {text} volume')} (not supported)"
 
 
 def _striped(

@@ -2,6 +2,7 @@
 hostile catalogue is refused at mount time with one line."""
 
 import contextlib
+import hashlib
 import json
 import shutil
 import socket
@@ -24,6 +25,19 @@ HOSTILE = [
     b"[" * 100_000 + b"\n",
     b'"not an object"\n',
     b'{"ranges": [[0, 1000000000000000000]]}\n',
+]
+
+
+SIZE = SMALL[IMAGE]
+HOSTILE_VOLUMES = [  # (request, what the daemon's error says)
+    ({"volume": "vg-lv", "runs": [[4096, 0, [["web02/nothing.img", 0]]]]}, "no disk"),
+    ({"volume": "vg-lv", "runs": [[8192, 0, [[IMAGE, SIZE - 4096]]]]}, "past the end"),
+    ({"volume": "vg-lv", "runs": [[8192, 0, [["..", 0]]]]}, "no disk"),
+    ({"volume": "vg-lv", "runs": [[8192, 0, [["web02", 0]]]]}, "no disk"),
+    ({"volume": "../x", "runs": [[4096, 0, [[IMAGE, 0]]]]}, "name"),
+    ({"volume": "vg-lv", "runs": [[8192, 512, [[IMAGE, 0], [IMAGE, 4096]]]]}, "stripes"),
+    ({"volume": "vg-lv", "runs": [[4096, 0, [[IMAGE, 0]]]] * 5000}, "runs"),
+    ({"volume": "vg-lv", "runs": [[1 << 61, 0, [[IMAGE, 0]]]] * 3}, "large"),
 ]
 
 
@@ -120,3 +134,33 @@ def test_a_hostile_catalogue_is_refused_at_mount_time_and_by_ls(
         if is_mounted(mnt):  # the old code mounted it
             unmount(mnt, fuse=True)
         shutil.rmtree(bad)
+
+
+def test_hostile_volume_requests_are_refused_and_a_good_one_reads_right(
+    store: Store, mnt: Path, tmp_path: Path
+) -> None:
+    log = tmp_path / "daemon.log"
+    with mounted(store.url, mnt, f"log_file={log}") as proc:
+        address = socket_address(str(mnt))
+        for request, error in HOSTILE_VOLUMES:
+            (reply,) = _plan(address, _line(request))
+            assert reply["done"] is True and error in str(reply["error"]), (request, reply)
+        assert proc.poll() is None
+        assert list((mnt / ".backupfs" / "volumes").iterdir()) == []
+        # The image's two halves swapped, in stripes of 4 KiB over two areas: read back
+        # against the same bytes rearranged here.
+        half = SIZE // 2 // 8192 * 8192
+        request = {"volume": "vg-swapped", "runs": [[half, 0, [[IMAGE, half]]],
+                   [2 * half, 4096, [[IMAGE, 0], [IMAGE, half]]]]}  # fmt: skip
+        (reply,) = _plan(address, _line(request))
+        assert reply["error"] is None and str(reply["path"]).startswith(".backupfs/volumes/")
+        data = (store.root / IMAGE).read_bytes()
+        expected = data[half : 2 * half] + b"".join(
+            data[i : i + 4096] + data[half + i : half + i + 4096] for i in range(0, half, 4096)
+        )
+        served = (mnt / str(reply["path"])).read_bytes()
+        assert hashlib.sha256(served).hexdigest() == hashlib.sha256(expected).hexdigest()
+        again = _plan(address, _line(request))
+        assert again[0]["path"] == reply["path"]
+        assert len(list((mnt / ".backupfs" / "volumes").iterdir())) == 1
+    assert "Traceback" not in log.read_text()

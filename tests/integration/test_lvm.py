@@ -1,12 +1,13 @@
 """LVM read in userspace, through a real mount: a snapshot of two disks made by the real
 lvm2 tools (no device-mapper: --driverloaded n, volumes never activated). disk0.img is a
-GPT disk with an ext4 /boot and two physical volumes, disk1.img a physical volume with no
-table; one volume group spans all three. A one-segment volume is loop-mounted as VG-LV
-straight from its disk; a two-segment one, a striped one and one spread over both disks
-are joined by the mount daemon (MNT/.backupfs/volumes/) and mounted the same way; a swap
-volume is listed with its reason; two snapshots whose groups have the same name attach
-side by side (the second one's disks in qcow2, so its volumes lie on virtual disks);
-files are compared by SHA-256, restored through a read plan, and nothing is left behind.
+GPT disk with an ext4 /boot and two physical volumes, disk1.img a physical volume with
+no table; one volume group spans all three (ext4 volumes, and xfs in the striped one). A
+one-segment volume is loop-mounted as VG-LV straight from its disk; a two-segment one, a
+striped one and one spread over both disks are joined by the mount daemon
+(MNT/.backupfs/volumes/) and mounted the same way; a swap volume is listed with its
+reason; two snapshots whose groups have the same name attach side by side (the second
+one's disks in qcow2, so its volumes lie on virtual disks); files are compared by
+SHA-256, restored through a read plan, and nothing is left behind.
 """
 
 import shutil
@@ -24,9 +25,10 @@ from tests.support.trees import make_tree
 
 MiB, SECTOR = 1 << 20, 512
 EXTENT = MiB  # vgcreate -s 1M
-P2_START, P2_MIB, P3_START, P3_MIB, DISK1_MIB = 17 * MiB, 40, 57 * MiB, 24, 24
+P2_START, P2_MIB, P3_START, P3_MIB, DISK1_MIB = 17 * MiB, 200, 217 * MiB, 200, 24
 LINUX, LVM_PV = "0FC63DAF-8483-4772-8E79-3D69D8477DE4", "E6D6D379-F507-44C2-A23C-238F2A3DF928"
-FILESYSTEMS = {"home": 12, "root": 12, "data": 16, "far": 16}  # volume: MiB of its ext4
+FILESYSTEMS = {"home": ("ext4", 12), "root": ("ext4", 12), "data": ("xfs", 300),
+               "far": ("ext4", 16)}  # fmt: skip
 pytestmark = [
     pytest.mark.skipif(shutil.which("pvcreate") is None, reason="lvm2 is not installed"),
     pytest.mark.skipif(shutil.which("qemu-img") is None, reason="qemu-img is not installed"),
@@ -60,24 +62,24 @@ def _snapshot(snap: Path, work: Path, sums: dict[str, dict[str, str]]) -> None:
         lvm(*new, "root", "-L", "8M", "vgdata", p2)
         lvm(*new, "swap", "-L", "4M", "vgdata", p2)
         lvm("lvextend", "-q", "-L", "+4M", "vgdata/root", p2)  # two segments, swap between
-        lvm(*new, "data", "-L", "16M", "-i", "2", "-I", "64k", "vgdata", p2, p3)
+        lvm(*new, "data", "-L", "300M", "-i", "2", "-I", "64k", "vgdata", p2, p3)
         lvm(*new, "far", "-L", "8M", "vgdata", d1)
         lvm("lvextend", "-q", "-L", "+8M", "vgdata/far", p3)  # over both disks
         layout = segments("vgdata")
         places = {p2: (disk0, P2_START + pe_start(p2)), p3: (disk0, P3_START + pe_start(p3)),
                   d1: (disk1, pe_start(d1))}  # fmt: skip
     assert [len(layout[v]) for v in ("home", "root", "data", "far")] == [1, 2, 1, 2], layout
-    for seed, (name, mib) in enumerate(FILESYSTEMS.items(), 2):
+    for seed, (name, (fstype, mib)) in enumerate(FILESYSTEMS.items(), 2):
         sums[f"vgdata-{name}"] = make_tree(work / name, seed=seed, files=10, special=False)
-        make_fs_image(work / f"{name}.ext4", PartSpec("ext4", mib, name, work / name))
-        write_volume(work / f"{name}.ext4", layout[name], EXTENT, places)
+        make_fs_image(work / f"{name}.fs", PartSpec(fstype, mib, name, work / name))
+        write_volume(work / f"{name}.fs", layout[name], EXTENT, places)
     swap = work / "swap"
     run_tool(["truncate", "-s", "4M", str(swap)])
     run_tool(["mkswap", "-q", str(swap)])
     write_volume(swap, layout["swap"], EXTENT, places)
 
 
-@needs_filesystems("ext4")
+@needs_filesystems("ext4", "xfs")
 def test_volumes_of_segments_stripes_and_two_disks_attach_side_by_side(tmp_path: Path) -> None:
     store, work = tmp_path / "store", tmp_path / "work"
     old_snap, new_snap = store / "db01" / "2026-11-19T0300Z", store / "db01" / "2026-11-20T0300Z"

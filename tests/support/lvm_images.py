@@ -60,7 +60,8 @@ def write_volume(
 ) -> None:
     """Write `fs_image` into the volume: stripe by stripe, each at the file and offset of
     its device (`places`: device -> (image file, where its extents start in it: the
-    device's offset plus its pe_start))."""
+    device's offset plus its pe_start)). Stripes of zeros are left as the holes of the
+    freshly truncated files."""
     data = fs_image.read_bytes()
     for seg in segs:
         for k in range(seg.size // seg.stripe):
@@ -69,6 +70,8 @@ def write_volume(
             path, offset = places[device]
             at = offset + first * extent + row * seg.stripe
             chunk = data[seg.start + k * seg.stripe : seg.start + (k + 1) * seg.stripe]
+            if not chunk.strip(b"\0"):
+                continue
             with open(path, "r+b") as f:
                 f.seek(at)
                 f.write(chunk)

@@ -1,7 +1,7 @@
 """Partition tables as a hostile image holds them: GPTs written here byte by byte (with
 their CRC32s) listing more partitions than anyone attaches, and real sfdisk output for
 images whose names end in a digit (sfdisk calls their partitions disk0p1, not disk01).
-Read with the real sfdisk and blkid, as `backupfs attach` reads them."""
+Read with the real sfdisk and blkid, as `backupfs attach` reads them; a hybrid MBR too."""
 
 from __future__ import annotations
 
@@ -217,3 +217,18 @@ def test_dynamic_disk_partitions_are_listed_with_their_reason(
         assert part.reason is None
     else:
         assert part.reason is not None and expected in part.reason, part.reason
+
+
+def test_a_hybrid_mbr_is_read_as_its_gpt(tmp_path: Path) -> None:
+    """A GPT disk whose MBR also lists its first partition (a hybrid MBR, as gdisk makes
+    for old boot loaders): the GPT's two partitions, not the MBR's one."""
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(b"")
+    os.truncate(disk, 32 << 20)
+    _sfdisk(disk, "label: gpt\nstart=2048, size=8192\nstart=10240, size=8192\n")
+    with open(disk, "r+b") as f:  # MBR entries: the first partition (0x83), then 0xEE
+        f.seek(446)
+        f.write(struct.pack("<B3sB3sII", 0, bytes(3), 0x83, bytes(3), 2048, 8192))
+        f.write(struct.pack("<B3sB3sII", 0, bytes(3), 0xEE, bytes(3), 1, 2047))
+    found = partitions.read_disk(str(disk), 32 << 20)
+    assert [(p.number, p.start_bytes) for p in found] == [(1, 2048 * SECTOR), (2, 10240 * SECTOR)]
