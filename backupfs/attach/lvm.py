@@ -231,6 +231,7 @@ def volumes(text: str, pv_id: str, pv_size: int) -> list[LogicalVolume]:
         found = _laid_out(name, lv, pvs, extent, used)
         if "VISIBLE" in lv.get("status", []):
             out.append(found)
+    used.check()
     for found in out:
         for seg in found.segments:
             for area in seg.areas:
@@ -263,25 +264,34 @@ def _physical_volumes(vg: dict[str, Any], extent: int) -> dict[str, tuple[str, i
             if not isinstance(pe_count, int) or not 0 <= pe_count <= 1 << 40:
                 raise LvmError(f"LVM metadata: pe_count of {name} is not a count")
             pv_id = str(pv.get("id", "")).replace("-", "")
+            if any(pv_id == other[0] for other in out.values()):
+                raise LvmError(f"LVM metadata names physical volume {pv_id[:8]} twice")
             out[name] = (pv_id, _int(pv, "pe_start") * SECTOR, pe_count * extent)
     return out
 
 
 class _Extents:
-    """The extents taken so far, per physical volume: a second claim is hostile."""
+    """The extents every area takes, per physical volume id; `check` refuses two that
+    overlap (sorted: n log n, whatever the metadata's order)."""
 
     def __init__(self) -> None:
         self.taken: dict[str, list[tuple[int, int, str]]] = {}
         self.count = 0
 
-    def claim(self, pv: str, start: int, size: int, name: str) -> None:
+    def claim(self, pv_id: str, start: int, size: int, name: str) -> None:
         self.count += 1
         if self.count > MAX_AREAS:
             raise LvmError(f"LVM metadata has more than {MAX_AREAS} segment areas")
-        for lo, hi, other in self.taken.setdefault(pv, []):
-            if start < hi and lo < start + size:
-                raise LvmError(f"LVM volumes {other} and {name} share extents of {pv}")
-        self.taken[pv].append((start, start + size, name))
+        self.taken.setdefault(pv_id, []).append((start, start + size, name))
+
+    def check(self) -> None:
+        for pv_id, areas in self.taken.items():
+            areas.sort()
+            for (_, end, first), (start, _, second) in zip(areas, areas[1:]):
+                if start < end:
+                    raise LvmError(
+                        f"LVM volumes {first} and {second} share extents of PV {pv_id[:8]}"
+                    )
 
 
 def _laid_out(
@@ -357,6 +367,6 @@ def _striped(
         begin = first * extents[1]
         if begin + area_size > pv_bytes:
             raise LvmError(f"LVM volume {name} lies past the end of its physical volume")
-        used.claim(pv_name, begin, area_size, name)
+        used.claim(pv_id, begin, area_size, name)
         areas.append(Area(pv_id, pe_start + begin))
     return Segment(size, stripe, tuple(areas))

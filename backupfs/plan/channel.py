@@ -164,8 +164,9 @@ class VolumeRequest:
 
 
 def check_volume(message: Mapping[str, object]) -> VolumeRequest:
-    """A volume request: a name LVM could have given, and runs of positive sizes whose
-    stripes (at least MIN_STRIPE_BYTES, a multiple of 512) divide each area evenly."""
+    """A volume request: a name LVM could have given, and runs of positive sizes (multiples
+    of 512) whose stripes, when there are several areas, are at least MIN_STRIPE_BYTES,
+    a multiple of 512, and divide each area evenly."""
     name, raw = message.get("volume"), message.get("runs")
     if not isinstance(name, str) or len(name) > MAX_VOLUME_NAME or not _VOLUME_NAME.fullmatch(name):
         raise ChannelError("a volume needs a name of letters, digits and +_.-")
@@ -185,8 +186,8 @@ def check_volume(message: Mapping[str, object]) -> VolumeRequest:
         if not 0 < size < 1 << 62 or size % (512 * len(areas)):
             raise ChannelError(f"a run of {size} bytes does not split into {len(areas)} areas")
         if len(areas) == 1:
-            stripe = size
-        if stripe < MIN_STRIPE_BYTES or stripe % 512 or (size // len(areas)) % stripe:
+            stripe = size  # linear: any multiple of 512 (lvm2 allows 1 KiB extents)
+        elif stripe < MIN_STRIPE_BYTES or stripe % 512 or (size // len(areas)) % stripe:
             raise ChannelError(f"stripes of {stripe} bytes do not divide a run of {size}")
         places = []
         for area in areas:

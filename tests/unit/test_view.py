@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from backupfs.mount import control
-from backupfs.mount.control import CONTROL_DIR_INODE, STATS_INODE, StatsSources
+from backupfs.mount.control import CONTROL_DIR_INODE, STATS_INODE, VOLUMES_DIR_INODE, StatsSources
 from backupfs.mount.tree import ROOT_INODE, Tree, build_tree
 from backupfs.mount.view import (
     IMMUTABLE_TIMEOUT_S,
@@ -132,7 +132,8 @@ def test_directory_nlink_counts_subdirectories() -> None:
     assert view.attributes(SNAP1).nlink == 2  # files only
     assert view.attributes(WEEKLY).nlink == 2  # empty
     assert view.attributes(SDA1).nlink == 1
-    assert view.attributes(CONTROL_DIR_INODE).nlink == 2
+    assert view.attributes(CONTROL_DIR_INODE).nlink == 3  # volumes/
+    assert view.attributes(VOLUMES_DIR_INODE).nlink == 2
     assert view.attributes(STATS_INODE).nlink == 1
 
 
@@ -207,7 +208,10 @@ def test_control_dir_answers_lookup_only_at_the_root() -> None:
 def test_control_dir_is_absent_from_the_root_listing() -> None:
     view = _view()
     assert view.entries(ROOT_INODE) == [(WEB1, "web1"), (DB, "db")]
-    assert view.entries(CONTROL_DIR_INODE) == [(STATS_INODE, "stats")]
+    assert view.entries(CONTROL_DIR_INODE) == [
+        (STATS_INODE, "stats"),
+        (VOLUMES_DIR_INODE, "volumes"),
+    ]
 
 
 def test_entries_are_in_inode_order() -> None:
@@ -228,7 +232,7 @@ def test_entries_and_open_dir_refuse_what_is_not_a_directory() -> None:
     assert _errno(view.entries, 999) == errno.ENOENT
     assert _errno(view.open_dir, SDA1) == errno.ENOTDIR
     assert _errno(view.open_dir, 999) == errno.ENOENT
-    assert _errno(view.open_dir, STATS_INODE) == errno.ENOENT
+    assert _errno(view.open_dir, STATS_INODE) == errno.ENOTDIR
     view.open_dir(ROOT_INODE)
     view.open_dir(CONTROL_DIR_INODE)
     view.open_dir(WEEKLY)
@@ -237,9 +241,9 @@ def test_entries_and_open_dir_refuse_what_is_not_a_directory() -> None:
 def test_unknown_inodes_are_enoent() -> None:
     view = _view()
     assert _errno(view.attributes, 999) == errno.ENOENT
-    assert _errno(view.attributes, STATS_INODE + 1) == errno.ENOENT
+    assert _errno(view.attributes, VOLUMES_DIR_INODE + 1) == errno.ENOENT
     assert _errno(view.open_file, 999, os.O_RDONLY) == errno.ENOENT
-    assert _errno(view.open_file, STATS_INODE + 1, os.O_RDONLY) == errno.ENOENT
+    assert _errno(view.open_file, VOLUMES_DIR_INODE + 1, os.O_RDONLY) == errno.ENOENT
 
 
 def test_stats_file_renders_the_counters() -> None:
