@@ -8,7 +8,9 @@ exception, so the cache can cost speed but never correctness.
 Several processes may share a root: entries are renamed into place whole, and every step
 tolerates a file another process just removed. Recency is the mtime, set on write and hit.
 `bytes_used` is this process's estimate; past `max_bytes`, a scan of the directory (which
-counts other processes' entries too) evicts least recently used files down to 90%.
+counts other processes' entries too) evicts least recently used files down to 90%. A
+process also rescans after writing an eighth of `max_bytes` since its last scan, so
+mounts that share the directory overshoot it by at most that much each.
 
 Whoever can write in the directory can plant files, symlinks and subdirectories in it, so
 the root and `v1/` must be ours and writable by no one else when root uses them (another
@@ -61,6 +63,7 @@ class DiskCache:
         self._lock = threading.Lock()  # guards bytes_used, stats and _warned
         self._evicting = threading.Lock()
         self._warned: set[str] = set()
+        self._written_since_scan = 0  # bytes this process wrote since it last scanned
         self._last_write_warning = -_WRITE_WARNING_INTERVAL_S
         _check_root(root)
         try:
@@ -115,9 +118,13 @@ class DiskCache:
             return
         with self._lock:
             self.bytes_used += len(data)
+            self._written_since_scan += len(data)
             over = self.bytes_used > self.max_bytes
-        if over and self._evicting.acquire(blocking=False):
+            due = self._written_since_scan >= self.max_bytes // 8
+        if (over or due) and self._evicting.acquire(blocking=False):
             try:
+                with self._lock:
+                    self._written_since_scan = 0
                 self._evict(self._scan())
             finally:
                 self._evicting.release()
@@ -172,10 +179,10 @@ class DiskCache:
 
     def _evict(self, found: list[tuple[int, int, str]]) -> None:
         """Remove the least recently used of `found` (a fresh scan, so other processes'
-        entries count too) until the total is down to 90% of max_bytes."""
+        entries count too) until the total is down to 90% of max_bytes, if it is over."""
         found.sort(key=lambda e: e[0])
         total = sum(size for _, size, _ in found)
-        target = int(self.max_bytes * _EVICT_TO)
+        target = int(self.max_bytes * _EVICT_TO) if total > self.max_bytes else total
         evicted = 0
         for _, size, path in found:
             if total <= target:

@@ -274,7 +274,9 @@ def test_concurrent_writers_and_evictors_never_return_wrong_bytes(tmp_path: Path
         t.join(timeout=60)
     assert errors == []
     assert [(c.stats.corrupt, c.stats.write_errors) for c in caches] == [(0, 0)] * 4
-    assert sum(p.stat().st_size for p in files(tmp_path)) <= 20_000 + 4 * 1000 * 2
+    # Each cache overshoots by at most what it writes between scans (an eighth of the
+    # size), plus the blocks its two threads write while another evicts.
+    assert sum(p.stat().st_size for p in files(tmp_path)) <= 20_000 + 4 * (20_000 // 8 + 2000)
 
 
 def test_stale_temporary_files_are_evicted_fresh_ones_kept(tmp_path: Path) -> None:
