@@ -11,6 +11,7 @@ read (`LogicalVolume.segments`: where each lies, by physical volume id); a volum
 other kind (thin, RAID, cache, snapshot) is listed with the reason it is not mounted.
 """
 
+import itertools
 import re
 import struct
 import zlib
@@ -287,7 +288,7 @@ class _Extents:
     def check(self) -> None:
         for pv_id, areas in self.taken.items():
             areas.sort()
-            for (_, end, first), (start, _, second) in zip(areas, areas[1:]):
+            for (_, end, first), (start, _, second) in itertools.pairwise(areas):
                 if start < end:
                     raise LvmError(
                         f"LVM volumes {first} and {second} share extents of PV {pv_id[:8]}"
