@@ -19,7 +19,8 @@ GENERIC_OPTIONS = frozenset(
 _SIZE = re.compile(r"(\d+)([KMGT]?)(i?B)?", re.IGNORECASE)
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 _FLAGS = ("allow_other", "allow_http", "debug", "insecure", "nonempty")
-_SIZES = ("cache_size", "block_size", "readahead", "request_size", "cache_dir_size")
+_SIZES = ("cache_size", "block_size", "readahead", "request_size", "cache_dir_size", "fill_max")
+FILL_MODES = ("auto", "off")
 
 # The option table of `backupfs mount --help` and of the README (tests/unit/test_options.py
 # keeps the two equal): (name, as written in -o; default; meaning).
@@ -61,6 +62,8 @@ OPTION_TABLE: tuple[tuple[str, str, str], ...] = (
     ),
     ("cache_dir=", "", "keep verified blocks on local disk across mounts"),
     ("cache_dir_size=", "10G", "most bytes kept in `cache_dir=`"),
+    ("fill=", "off", "auto: once a disk is read, stream the rest into the page cache"),
+    ("fill_max=", "1/4 of RAM", "most bytes the fill pushes into the page cache per mount"),
     ("allow_other", "off", "let other users read (images become 0444 instead of 0400)"),
     ("log_file=", "", "log here instead of syslog when in the background"),
     ("debug", "off", "per-request log lines"),
@@ -89,6 +92,8 @@ class MountOptions:
     log_file: Path | None = None  # log here instead of syslog when daemonized
     cache_dir: Path | None = None  # verified blocks kept on disk across mounts (diskcache.py)
     cache_dir_size: int = 10 << 30  # most bytes kept in cache_dir
+    fill: str = "off"  # background fill of the page cache once a disk is read (mount/fill.py)
+    fill_max: int = 0  # most bytes the fill pushes per mount; 0: a quarter of the RAM
 
     @property
     def in_flight_bytes(self) -> int:
@@ -144,6 +149,10 @@ def _parse_value(key: str, value: str) -> object:
         return _parse_seconds(value, key)
     if key in ("connections", "retries"):
         return _parse_count(value, key, 1 if key == "connections" else 0)
+    if key == "fill":
+        if value not in FILL_MODES:
+            raise UsageError(f"option fill={value}: must be one of {', '.join(FILL_MODES)}")
+        return value
     return Path(os.path.abspath(value))  # the daemon runs in /
 
 

@@ -21,6 +21,7 @@ class Stats:
     digest_bytes_fetched: int = 0  # chunks of digest files fetched (store format 2)
     digest_index_bytes: int = 0  # chunk indexes of the opened disks (kept while mounted)
     digest_cache_bytes: int = 0  # digest chunks held (part of cache_size=)
+    fill_bytes: int = 0  # pushed into the kernel's page cache by the background fill
     fetch_seconds: list[float] = field(default_factory=list, repr=False)
 
     def record_fetch(self, seconds: float) -> None:

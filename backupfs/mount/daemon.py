@@ -24,6 +24,7 @@ from backupfs.errors import EXIT_INTERNAL, UserError, user_error_in
 from backupfs.linux.holders import is_dead_mount
 from backupfs.linux.mountinfo import top_fstype
 from backupfs.mount import control, tuning
+from backupfs.mount.fill import Filler, fill_budget
 from backupfs.mount.fuse_ops import BackupFsOps
 from backupfs.mount.opening import open_store
 from backupfs.mount.plan_server import PlanServer
@@ -111,7 +112,15 @@ async def serve(
                 started_s=time.monotonic(),
             )
             disks = DiskReader(reader)
-            ops = BackupFsOps(tree, disks, digests, readahead, opts.allow_other, stats_sources)
+            filler = None
+            if opts.fill == "auto":
+                budget = opts.fill_max or fill_budget()
+                limiter = store.limiter
+                filler = Filler(disks, nursery, stats, budget, pyfuse3.notify_store,
+                                lambda: limiter.waiting[0] > 0)  # fmt: skip
+            ops = BackupFsOps(
+                tree, disks, digests, readahead, opts.allow_other, stats_sources, filler
+            )
             plans = PlanServer(
                 tree,
                 digests,

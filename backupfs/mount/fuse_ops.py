@@ -19,6 +19,7 @@ import trio
 
 from backupfs.errors import FetchError, StoreError
 from backupfs.mount import control
+from backupfs.mount.fill import Filler
 from backupfs.mount.tree import Tree
 from backupfs.mount.view import Attributes, ControlFile, ImageFile, MountView, ViewError
 from backupfs.readpath.readahead import ReadaheadConfig, StreamTracker
@@ -85,12 +86,14 @@ class BackupFsOps(pyfuse3.Operations):
         readahead: ReadaheadConfig,
         allow_other: bool,
         sources: control.StatsSources,
+        filler: Filler | None = None,
     ) -> None:
         super().__init__()
+        self.filler = filler  # the background fill (fill=auto), or None
         self.disks = disks  # raw images and guests' disks: qcow2, VMDK, VHD(X) chains
         self.digests = digests
         self.readahead = readahead
-        self._handles: dict[int, tuple[ImageFile, StreamTracker]] = {}
+        self._handles: dict[int, tuple[ImageFile, StreamTracker, int]] = {}  # with the inode
         self._control_handles: dict[int, bytes] = {}  # contents rendered at open
         self._next_fh = 1
         self.view = MountView(
@@ -107,7 +110,7 @@ class BackupFsOps(pyfuse3.Operations):
         self.initialized.set()
 
     def _open_trackers(self) -> list[StreamTracker]:
-        return [tracker for _, tracker in self._handles.values()]
+        return [tracker for _, tracker, _ in self._handles.values()]
 
     def _new_fh(self) -> int:
         fh = self._next_fh
@@ -149,7 +152,7 @@ class BackupFsOps(pyfuse3.Operations):
         if isinstance(opened.image, VirtualDisk):
             await self.disks.open(opened.image)  # its headers and first tables
         fh = self._new_fh()
-        self._handles[fh] = (opened, StreamTracker(self.readahead))
+        self._handles[fh] = (opened, StreamTracker(self.readahead), inode)
         return pyfuse3.FileInfo(fh=cast(pyfuse3.FileHandleT, fh), keep_cache=True)
 
     @_replies
@@ -159,7 +162,9 @@ class BackupFsOps(pyfuse3.Operations):
         handle = self._handles.get(fh)
         if handle is None:
             raise ViewError(errno.EBADF)
-        opened, tracker = handle
+        opened, tracker, inode = handle
+        if self.filler is not None:
+            self.filler.on_read(inode, opened.image)
         return await self.disks.read(opened.image, off, size, tracker)
 
     @_replies

@@ -94,12 +94,18 @@ class DiskReader:
         return data[lo : lo + read.length]
 
     async def read(
-        self, disk: Served, offset: int, size: int, tracker: StreamTracker | None = None
+        self,
+        disk: Served,
+        offset: int,
+        size: int,
+        tracker: StreamTracker | None = None,
+        counted: bool = True,
     ) -> bytes:
         """Exactly `size` bytes at virtual `offset`, fewer only at the end; FetchError,
-        FormatError (a table that breaks the format's rules)."""
+        FormatError (a table that breaks the format's rules). `counted`: served to a
+        reader (False: the background fill)."""
         if isinstance(disk, Image):
-            return await self.reader.read(disk, offset, size, tracker)
+            return await self.reader.read(disk, offset, size, tracker, counted=counted)
         if isinstance(disk, VirtualDisk):
             await self.open(disk)
         end = min(offset + size, disk.size_bytes)
@@ -111,7 +117,8 @@ class DiskReader:
                 data = await self._read_layer(disk, 0, offset, end, note)
             else:
                 data = await self._read_volume(disk, offset, end, note)
-            self.reader.stats.bytes_served += len(data)  # zeros included, tables not
+            if counted:
+                self.reader.stats.bytes_served += len(data)  # zeros included, tables not
             # Reads of planned blocks say nothing about what comes next (as for raw images).
             if tracker is not None and not (note.data and note.planned):
                 self._read_ahead(disk, offset, end - offset, tracker)

@@ -37,7 +37,9 @@ class FakeReader:
     def __init__(self) -> None:
         self.error: Exception | None = None
 
-    async def read(self, image: Image, off: int, size: int, tracker: StreamTracker) -> bytes:
+    async def read(
+        self, image: Image, off: int, size: int, tracker: StreamTracker, counted: bool = True
+    ) -> bytes:
         if self.error is not None:
             raise self.error
         return b"\0" * size

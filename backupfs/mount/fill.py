@@ -1,0 +1,128 @@
+"""Background fill: once a disk is read, stream the rest of it into the kernel's page
+cache of its file (FUSE_NOTIFY_STORE), so the loop devices and filesystems on it read
+from memory instead of paying a round trip per miss.
+
+A fill walks the served file in disk order, `FILL_PIECE` at a time, `FILL_WORKERS` pieces
+at once. A piece whose every block is zeros (by the store's digests, or unallocated in a
+virtual disk's tables) is skipped: no fetch, no page. Fetches go at background priority,
+so a demand read takes the next free connection before any fill request, and no new
+piece starts while demand reads wait for a connection. The bytes are the block reader's,
+verified like any other; a raw image's blocks leave the LRU once the kernel holds them,
+so the fill never pushes out what demand reads cached. The total pushed per mount is
+bounded (`fill_max=`); the kernel evicts those pages like any clean page cache.
+"""
+
+import errno
+import logging
+from collections.abc import Callable, Iterator
+
+import trio
+
+from backupfs.errors import FetchError, FormatError
+from backupfs.ranges import block_range
+from backupfs.readpath.vdisk import DiskReader
+from backupfs.stats import Stats
+from backupfs.store.image import Image, Served
+
+log = logging.getLogger(__name__)
+FILL_PIECE = 4 << 20
+FILL_WORKERS = 4
+BACKOFF_S = 0.02  # while demand reads wait for a connection
+
+Store = Callable[[int, int, bytes], None]  # pyfuse3.notify_store(inode, offset, data)
+
+
+class Filler:
+    def __init__(
+        self,
+        disks: DiskReader,
+        nursery: trio.Nursery,
+        stats: Stats,
+        max_bytes: int,
+        store: Store,
+        demand_waiting: Callable[[], bool],
+    ) -> None:
+        self.disks, self.nursery, self.stats = disks, nursery, stats
+        self.left_bytes = max_bytes  # of the mount's budget
+        self.store = store
+        self.demand_waiting = demand_waiting
+        self._started: set[int] = set()  # inodes
+
+    def on_read(self, inode: int, served: Served) -> None:
+        """A read of `served` (the file `inode`): start its fill, once per mount."""
+        if inode in self._started or self.left_bytes <= 0:
+            return
+        self._started.add(inode)
+        self.nursery.start_soon(self._fill, inode, served)
+
+    async def _fill(self, inode: int, served: Served) -> None:
+        size = served.size_bytes
+        pieces = iter(range(0, size, FILL_PIECE))
+        log.info("filling the page cache of inode %d (%d bytes)", inode, size)
+        async with trio.open_nursery() as workers:
+            for _ in range(FILL_WORKERS):
+                workers.start_soon(self._worker, inode, served, pieces)
+
+    async def _worker(self, inode: int, served: Served, pieces: Iterator[int]) -> None:
+        for start in pieces:
+            await self._after_demand()
+            if self.left_bytes <= 0:
+                return
+            end = min(start + FILL_PIECE, served.size_bytes)
+            try:
+                if not await self._worth_filling(served, start, end):
+                    continue
+                await self.disks.prefetch(served, start, end)  # at background priority
+                data = await self.disks.read(served, start, end - start, counted=False)
+                # In a thread: the kernel may hold a page of this range locked for a read
+                # that waits for this very loop to answer it (the store would deadlock).
+                await trio.to_thread.run_sync(self.store, inode, start, data,
+                                              abandon_on_cancel=True)  # fmt: skip
+            except (FetchError, FormatError) as exc:
+                log.info("fill of inode %d stopped at %d: %s", inode, start, exc)
+                return
+            except OSError as exc:  # the kernel forgot the inode, or has no notify_store
+                if exc.errno not in (errno.ENOENT, errno.ENOSYS):
+                    log.warning("fill of inode %d stopped: %s", inode, exc)
+                return
+            self.left_bytes -= len(data)
+            self.stats.fill_bytes += len(data)
+            self._release(served, start, end)
+
+    async def _after_demand(self) -> None:
+        """Return once no demand read waits for a connection."""
+        while True:
+            if not self.demand_waiting():
+                return
+            await trio.sleep(BACKOFF_S)
+
+    async def _worth_filling(self, served: Served, start: int, end: int) -> bool:
+        """Whether `[start, end)` reads any stored block that is not all zeros."""
+        for image, lo, hi in await self.disks.stored_ranges(served, start, end):
+            digests = image.digests
+            if digests is None or not digests.marks_zeros:
+                return True
+            bs = image.digest_block_size
+            records = await digests.records(lo // bs, -(-hi // bs))
+            if records.strip(b"\0"):
+                return True
+        return False
+
+    def _release(self, served: Served, start: int, end: int) -> None:
+        """A raw image's blocks leave the LRU once the kernel holds them."""
+        if isinstance(served, Image):
+            cache = self.disks.reader.cache
+            for n in block_range(start, end - start, served.block_size, served.size_bytes):
+                cache.discard((served.image_id, n))
+
+
+def fill_budget() -> int:
+    """fill_max=0: a quarter of the machine's memory (MemTotal)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    return int(line.split()[1]) * 1024 // 4
+    except (OSError, ValueError, IndexError):
+        pass
+    return 1 << 30
