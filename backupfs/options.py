@@ -20,7 +20,7 @@ _SIZE = re.compile(r"(\d+)([KMGT]?)(i?B)?", re.IGNORECASE)
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 _FLAGS = ("allow_other", "allow_http", "debug", "insecure", "nonempty")
 _SIZES = ("cache_size", "block_size", "readahead", "request_size", "cache_dir_size", "fill_max")
-FILL_MODES = ("auto", "off")
+FILL_MODES = ("auto", "metadata", "off")
 
 # The option table of `backupfs mount --help` and of the README (tests/unit/test_options.py
 # keeps the two equal): (name, as written in -o; default; meaning).
@@ -62,7 +62,7 @@ OPTION_TABLE: tuple[tuple[str, str, str], ...] = (
     ),
     ("cache_dir=", "", "keep verified blocks on local disk across mounts"),
     ("cache_dir_size=", "10G", "most bytes kept in `cache_dir=`"),
-    ("fill=", "off", "auto: once a disk is read, stream the rest into the page cache"),
+    ("fill=", "off", "once a disk is read, its metadata (then, auto, data) into the page cache"),
     ("fill_max=", "1/4 of RAM", "most bytes the fill pushes into the page cache per mount"),
     ("allow_other", "off", "let other users read (images become 0444 instead of 0400)"),
     ("log_file=", "", "log here instead of syslog when in the background"),

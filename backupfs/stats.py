@@ -22,6 +22,9 @@ class Stats:
     digest_index_bytes: int = 0  # chunk indexes of the opened disks (kept while mounted)
     digest_cache_bytes: int = 0  # digest chunks held (part of cache_size=)
     fill_bytes: int = 0  # pushed into the kernel's page cache by the background fill
+    fill_metadata_bytes: int = 0  # read by the fill's walks of ext filesystems' metadata
+    fills_started: int = 0  # disks whose fill began
+    fills_done: int = 0  # disks whose fill ended (all of it read, budget spent, or an error)
     fetch_seconds: list[float] = field(default_factory=list, repr=False)
 
     def record_fetch(self, seconds: float) -> None:

@@ -24,10 +24,12 @@ from backupfs.errors import EXIT_INTERNAL, UserError, user_error_in
 from backupfs.linux.holders import is_dead_mount
 from backupfs.linux.mountinfo import top_fstype
 from backupfs.mount import control, tuning
+from backupfs.mount.control import CONTROL_DIR, VOLUMES_DIR
 from backupfs.mount.fill import Filler, fill_budget
 from backupfs.mount.fuse_ops import BackupFsOps
 from backupfs.mount.opening import open_store
 from backupfs.mount.plan_server import PlanServer
+from backupfs.mount.tree import Tree
 from backupfs.options import MountOptions
 from backupfs.readpath.blocks import BlockReader, ReaderConfig
 from backupfs.readpath.cache import BlockCache
@@ -59,6 +61,15 @@ def fuse_mount_options(url: str, opts: MountOptions) -> set[str]:
     if opts.allow_other:
         options.add("allow_other")
     return options
+
+
+def _served_path(tree: Tree, mountpoint: str, inode: int) -> str | None:
+    """Where a served file is in the mount (for the fill's metadata walk)."""
+    volume = tree.volumes.by_inode.get(inode)
+    if volume is not None:
+        return os.path.join(mountpoint, CONTROL_DIR, VOLUMES_DIR, volume.name)
+    rel = tree.path_of(inode)
+    return None if rel is None else os.path.join(mountpoint, rel)
 
 
 async def _cancel_on_signal(signals: AsyncIterator[int], scope: trio.CancelScope) -> None:
@@ -112,15 +123,6 @@ async def serve(
                 started_s=time.monotonic(),
             )
             disks = DiskReader(reader)
-            filler = None
-            if opts.fill == "auto":
-                budget = opts.fill_max or fill_budget()
-                limiter = store.limiter
-                filler = Filler(disks, nursery, stats, budget, pyfuse3.notify_store,
-                                lambda: limiter.waiting[0] > 0)  # fmt: skip
-            ops = BackupFsOps(
-                tree, disks, digests, readahead, opts.allow_other, stats_sources, filler
-            )
             plans = PlanServer(
                 tree,
                 digests,
@@ -130,6 +132,22 @@ async def serve(
                 warm_window_bytes=2 * opts.in_flight_bytes,
                 allow_other=opts.allow_other,
                 disks=disks,
+            )
+            filler = None
+            if opts.fill != "off":
+                limiter = store.limiter
+                filler = Filler(
+                    disks,
+                    nursery,
+                    stats,
+                    opts.fill_max or fill_budget(),
+                    pyfuse3.notify_store,
+                    busy=lambda: limiter.waiting[0] > 0 or plans.sessions > 0,
+                    path_of=lambda inode: _served_path(tree, mountpoint, inode),
+                    data=opts.fill == "auto",
+                )
+            ops = BackupFsOps(
+                tree, disks, digests, readahead, opts.allow_other, stats_sources, filler
             )
             await nursery.start(plans.serve, mountpoint)
             pyfuse3.init(ops, mountpoint, fuse_mount_options(url, opts))

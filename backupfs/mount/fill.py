@@ -1,12 +1,16 @@
-"""Background fill: once a disk is read, stream the rest of it into the kernel's page
-cache of its file (FUSE_NOTIFY_STORE), so the loop devices and filesystems on it read
-from memory instead of paying a round trip per miss.
+"""Background fill: once a disk is read, stream the rest of it into the kernel's page cache
+of its file (FUSE_NOTIFY_STORE), so the loop devices and filesystems on it read from
+memory instead of paying a round trip per miss.
 
-A fill walks the served file in disk order, `FILL_PIECE` at a time, `FILL_WORKERS` pieces
-at once. A piece whose every block is zeros (by the store's digests, or unallocated in a
+First the metadata of its ext2/3/4 filesystems (fill_meta.py: every directory block and
+inode, read in parallel rounds through the mount itself); then, with fill=auto, the
+data. The data pass walks the served file in disk order (inside an ext filesystem only
+the blocks its bitmaps mark in use), `FILL_PIECE` at a time, `FILL_WORKERS` pieces at
+once. A piece whose every block is zeros (by the store's digests, or unallocated in a
 virtual disk's tables) is skipped: no fetch, no page. Fetches go at background priority,
 so a demand read takes the next free connection before any fill request, and no new
-piece starts while demand reads wait for a connection. The bytes are the block reader's,
+piece starts while demand reads wait for a connection or a read plan (restore, warm) is
+being served: a plan knows better what is needed. The bytes are the block reader's,
 verified like any other; a raw image's blocks leave the LRU once the kernel holds them,
 so the fill never pushes out what demand reads cached. The total pushed per mount is
 bounded (`fill_max=`); the kernel evicts those pages like any clean page cache.
@@ -19,6 +23,7 @@ from collections.abc import Callable, Iterator
 import trio
 
 from backupfs.errors import FetchError, FormatError
+from backupfs.mount.fill_meta import FillPlan, plan_fill
 from backupfs.ranges import block_range
 from backupfs.readpath.vdisk import DiskReader
 from backupfs.stats import Stats
@@ -40,12 +45,16 @@ class Filler:
         stats: Stats,
         max_bytes: int,
         store: Store,
-        demand_waiting: Callable[[], bool],
+        busy: Callable[[], bool],
+        path_of: Callable[[int], str | None],
+        data: bool = True,
     ) -> None:
         self.disks, self.nursery, self.stats = disks, nursery, stats
         self.left_bytes = max_bytes  # of the mount's budget
         self.store = store
-        self.demand_waiting = demand_waiting
+        self.busy = busy  # demand reads wait for a connection, or a read plan is served
+        self.path_of = path_of  # of a file of the mount, for the metadata walk
+        self.data = data  # fill=auto; False: fill=metadata
         self._started: set[int] = set()  # inodes
 
     def on_read(self, inode: int, served: Served) -> None:
@@ -56,23 +65,35 @@ class Filler:
         self.nursery.start_soon(self._fill, inode, served)
 
     async def _fill(self, inode: int, served: Served) -> None:
-        size = served.size_bytes
-        pieces = iter(range(0, size, FILL_PIECE))
-        log.info("filling the page cache of inode %d (%d bytes)", inode, size)
+        self.stats.fills_started += 1
+        await self._fill_disk(inode, served)
+        self.stats.fills_done += 1
+
+    async def _fill_disk(self, inode: int, served: Served) -> None:
+        path = self.path_of(inode)
+        plan = FillPlan()
+        if path is not None:
+            plan = await trio.to_thread.run_sync(plan_fill, path, abandon_on_cancel=True)
+            self.stats.fill_metadata_bytes += plan.metadata_bytes
+        if not self.data:
+            return
+        ranges = plan.ranges or [(0, served.size_bytes)]
+        pieces = iter(_pieces(ranges, FILL_PIECE))
+        log.info("filling the page cache of inode %d: %d bytes in %d ranges", inode,
+                 sum(hi - lo for lo, hi in ranges), len(ranges))  # fmt: skip
         async with trio.open_nursery() as workers:
             for _ in range(FILL_WORKERS):
                 workers.start_soon(self._worker, inode, served, pieces)
 
-    async def _worker(self, inode: int, served: Served, pieces: Iterator[int]) -> None:
-        for start in pieces:
+    async def _worker(self, inode: int, served: Served, pieces: Iterator[tuple[int, int]]) -> None:
+        for start, end in pieces:
             await self._after_demand()
             if self.left_bytes <= 0:
                 return
-            end = min(start + FILL_PIECE, served.size_bytes)
             try:
                 if not await self._worth_filling(served, start, end):
                     continue
-                await self.disks.prefetch(served, start, end)  # at background priority
+                await self.disks.fetch_behind(served, start, end)  # at background priority
                 data = await self.disks.read(served, start, end - start, counted=False)
                 # In a thread: the kernel may hold a page of this range locked for a read
                 # that waits for this very loop to answer it (the store would deadlock).
@@ -90,9 +111,9 @@ class Filler:
             self._release(served, start, end)
 
     async def _after_demand(self) -> None:
-        """Return once no demand read waits for a connection."""
+        """Return once no demand read waits for a connection and no plan is served."""
         while True:
-            if not self.demand_waiting():
+            if not self.busy():
                 return
             await trio.sleep(BACKOFF_S)
 
@@ -114,6 +135,12 @@ class Filler:
             cache = self.disks.reader.cache
             for n in block_range(start, end - start, served.block_size, served.size_bytes):
                 cache.discard((served.image_id, n))
+
+
+def _pieces(ranges: list[tuple[int, int]], step: int) -> Iterator[tuple[int, int]]:
+    for lo, hi in ranges:
+        for start in range(lo, hi, step):
+            yield start, min(start + step, hi)
 
 
 def fill_budget() -> int:

@@ -77,6 +77,11 @@ def _entry_attributes(attrs: Attributes) -> pyfuse3.EntryAttributes:
     return entry
 
 
+def _ours(pid: int) -> bool:
+    """Whether a request comes from one of this process's threads (FUSE names the thread)."""
+    return pid == os.getpid() or os.path.exists(f"/proc/self/task/{pid}")
+
+
 class BackupFsOps(pyfuse3.Operations):
     def __init__(
         self,
@@ -93,7 +98,9 @@ class BackupFsOps(pyfuse3.Operations):
         self.disks = disks  # raw images and guests' disks: qcow2, VMDK, VHD(X) chains
         self.digests = digests
         self.readahead = readahead
-        self._handles: dict[int, tuple[ImageFile, StreamTracker, int]] = {}  # with the inode
+        # With the inode; no tracker (no readahead) for the daemon's own reads: the fill's
+        # metadata walk reads through the mount, and says nothing about what comes next.
+        self._handles: dict[int, tuple[ImageFile, StreamTracker | None, int]] = {}
         self._control_handles: dict[int, bytes] = {}  # contents rendered at open
         self._next_fh = 1
         self.view = MountView(
@@ -110,7 +117,7 @@ class BackupFsOps(pyfuse3.Operations):
         self.initialized.set()
 
     def _open_trackers(self) -> list[StreamTracker]:
-        return [tracker for _, tracker, _ in self._handles.values()]
+        return [tracker for _, tracker, _ in self._handles.values() if tracker is not None]
 
     def _new_fh(self) -> int:
         fh = self._next_fh
@@ -152,7 +159,8 @@ class BackupFsOps(pyfuse3.Operations):
         if isinstance(opened.image, VirtualDisk):
             await self.disks.open(opened.image)  # its headers and first tables
         fh = self._new_fh()
-        self._handles[fh] = (opened, StreamTracker(self.readahead), inode)
+        tracker = None if _ours(ctx.pid) else StreamTracker(self.readahead)
+        self._handles[fh] = (opened, tracker, inode)
         return pyfuse3.FileInfo(fh=cast(pyfuse3.FileHandleT, fh), keep_cache=True)
 
     @_replies

@@ -61,6 +61,18 @@ class Tree:
             node = found
         return node
 
+    def path_of(self, inode: int) -> str | None:
+        """The path of a node ("HOST/SNAPSHOT/DISK.img"), or None: a walk of the tree."""
+        todo = [(ROOT_INODE, "")]
+        while todo:
+            here, path = todo.pop()
+            for name, child in self.nodes[here].children.items():
+                found = f"{path}/{name}" if path else name
+                if child == inode:
+                    return found
+                todo.append((child, found))
+        return None
+
     def images(self) -> list[Image | VirtualDisk]:
         """What each file serves."""
         return [n.image for n in self.nodes.values() if n.image is not None]

@@ -126,6 +126,7 @@ class Ext4:
         if groups * desc_size > MAX_GDT_BYTES:
             raise NotExt4(f"{groups} block groups: more than this reader reads")
         self.groups, self.desc_size = groups, desc_size
+        self.blocks_per_group, self.cluster_shift = per_group, shift
         self.table_blocks = -(-self.inodes_per_group * self.inode_size // bs)
         # Where the kernel looks for it: the block after the superblock's.
         self.gdt = self._read_blocks(1024 // bs + 1, groups * desc_size)

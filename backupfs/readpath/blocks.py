@@ -116,6 +116,12 @@ class BlockReader:
         self.plans.hint(image, block_nos)
         self._start_fetches(image, block_nos)
 
+    def fetch_behind(self, image: Image, start: int, end: int) -> None:
+        """Start fetching `[start, end)` at background priority, as a hint to nobody (the
+        background fill: its blocks say nothing about what readers will read)."""
+        self._start_fetches(image, block_range(start, end - start, image.block_size,
+                                               image.size_bytes))  # fmt: skip
+
     def plan(self, image: Image, start: int, end: int, cursor: PlanCursor, position: int) -> None:
         """Prefetch `[start, end)`, which ends at `position` of the plan read by `cursor`'s
         readers; see `PlanBook.consume`."""

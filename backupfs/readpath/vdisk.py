@@ -251,6 +251,11 @@ class DiskReader:
         for image, lo, hi in await self.stored_ranges(disk, start, end):
             self.reader.prefetch(image, lo, hi)
 
+    async def fetch_behind(self, disk: Served, start: int, end: int) -> None:
+        """BlockReader.fetch_behind of what `[start, end)` of a served disk reads."""
+        for image, lo, hi in await self.stored_ranges(disk, start, end):
+            self.reader.fetch_behind(image, lo, hi)
+
     async def fetched(self, disk: Served, start: int, end: int) -> None:
         """Return once what `[start, end)` of a served disk reads is in the cache."""
         for image, lo, hi in await self.stored_ranges(disk, start, end):

@@ -300,6 +300,7 @@ class FaultProxy(_LoopThread):
         self._lock = threading.Lock()
         self._faults: deque[_Fault] = deque()
         self.requests = 0
+        self.log: list[tuple[str, str | None]] = []  # (path, Range header) of each request
 
     def add_fault(
         self,
@@ -350,6 +351,7 @@ class FaultProxy(_LoopThread):
                     return
                 self.requests += 1
                 (method, path, version), headers = _parse_head(head)
+                self.log.append((path, _get(headers, "range")))
                 length = int(_get(headers, "content-length") or 0)
                 body = await reader.readexactly(length) if length else b""
                 fault = self._take_fault(path)
