@@ -62,7 +62,7 @@ OPTION_TABLE: tuple[tuple[str, str, str], ...] = (
     ),
     ("cache_dir=", "", "keep verified blocks on local disk across mounts"),
     ("cache_dir_size=", "10G", "most bytes kept in `cache_dir=`"),
-    ("fill=", "off", "once a disk is read, its metadata (then, auto, data) into the page cache"),
+    ("fill=", "auto", "once a disk is read, its metadata (then, auto, data) into the page cache"),
     ("fill_max=", "1/4 of RAM", "most bytes the fill pushes into the page cache per mount"),
     ("allow_other", "off", "let other users read (images become 0444 instead of 0400)"),
     ("log_file=", "", "log here instead of syslog when in the background"),
@@ -92,7 +92,7 @@ class MountOptions:
     log_file: Path | None = None  # log here instead of syslog when daemonized
     cache_dir: Path | None = None  # verified blocks kept on disk across mounts (diskcache.py)
     cache_dir_size: int = 10 << 30  # most bytes kept in cache_dir
-    fill: str = "off"  # background fill of the page cache once a disk is read (mount/fill.py)
+    fill: str = "auto"  # background fill of the page cache once a disk is read (mount/fill.py)
     fill_max: int = 0  # most bytes the fill pushes per mount; 0: a quarter of the RAM
 
     @property

@@ -2,18 +2,19 @@
 of its file (FUSE_NOTIFY_STORE), so the loop devices and filesystems on it read from
 memory instead of paying a round trip per miss.
 
-First the metadata of its ext2/3/4 filesystems (fill_meta.py: every directory block and
-inode, read in parallel rounds through the mount itself); then, with fill=auto, the
-data. The data pass walks the served file in disk order (inside an ext filesystem only
-the blocks its bitmaps mark in use), `FILL_PIECE` at a time, `FILL_WORKERS` pieces at
-once. A piece whose every block is zeros (by the store's digests, or unallocated in a
-virtual disk's tables) is skipped: no fetch, no page. Fetches go at background priority,
-so a demand read takes the next free connection before any fill request, and no new
-piece starts while demand reads wait for a connection or a read plan (restore, warm) is
-being served: a plan knows better what is needed. The bytes are the block reader's,
-verified like any other; a raw image's blocks leave the LRU once the kernel holds them,
-so the fill never pushes out what demand reads cached. The total pushed per mount is
-bounded (`fill_max=`); the kernel evicts those pages like any clean page cache.
+First the metadata of its ext2/3/4 filesystems, so browsing is served first: every
+directory block and inode, in parallel rounds through the mount itself (fill_meta.py);
+fill=metadata stops there. Then, with fill=auto, the data: the data pass walks the
+served file in disk order (inside an ext filesystem only the blocks its bitmaps mark in
+use), `FILL_PIECE` at a time, `FILL_WORKERS` pieces at once. A piece whose every block
+is zeros (by the store's digests, or unallocated in a virtual disk's tables) is skipped:
+no fetch, no page. Fetches go at background priority, so a demand read takes the next
+free connection before any fill request, and no new piece starts while demand reads wait
+for a connection or a read plan (restore, warm) is being served: a plan knows better
+what is needed. The bytes are the block reader's, verified like any other; a raw image's
+blocks leave the LRU once the kernel holds them, so the fill never pushes out what
+demand reads cached. The total pushed per mount is bounded (`fill_max=`); the kernel
+evicts those pages like any clean page cache.
 """
 
 import errno
@@ -23,7 +24,7 @@ from collections.abc import Callable, Iterator
 import trio
 
 from backupfs.errors import FetchError, FormatError
-from backupfs.mount.fill_meta import FillPlan, plan_fill
+from backupfs.mount.fill_meta import Layout, layout, walk_metadata
 from backupfs.ranges import block_range
 from backupfs.readpath.vdisk import DiskReader
 from backupfs.stats import Stats
@@ -71,19 +72,25 @@ class Filler:
 
     async def _fill_disk(self, inode: int, served: Served) -> None:
         path = self.path_of(inode)
-        plan = FillPlan()
+        found = Layout()
         if path is not None:
-            plan = await trio.to_thread.run_sync(plan_fill, path, abandon_on_cancel=True)
-            self.stats.fill_metadata_bytes += plan.metadata_bytes
+            found = await trio.to_thread.run_sync(layout, path, abandon_on_cancel=True)
+        if path is not None and found.ext_starts:
+            await self._walk(path, found.ext_starts)
         if not self.data:
             return
-        ranges = plan.ranges or [(0, served.size_bytes)]
+        ranges = found.ranges or [(0, served.size_bytes)]
         pieces = iter(_pieces(ranges, FILL_PIECE))
         log.info("filling the page cache of inode %d: %d bytes in %d ranges", inode,
                  sum(hi - lo for lo, hi in ranges), len(ranges))  # fmt: skip
         async with trio.open_nursery() as workers:
             for _ in range(FILL_WORKERS):
                 workers.start_soon(self._worker, inode, served, pieces)
+
+    async def _walk(self, path: str, starts: list[int]) -> None:
+        """The metadata walk, through the mount (its reads are demand reads)."""
+        read = await trio.to_thread.run_sync(walk_metadata, path, starts, abandon_on_cancel=True)
+        self.stats.fill_metadata_bytes += read
 
     async def _worker(self, inode: int, served: Served, pieces: Iterator[tuple[int, int]]) -> None:
         for start, end in pieces:

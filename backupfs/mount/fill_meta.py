@@ -65,49 +65,56 @@ def ext_starts(read: Read, size: int) -> list[int]:
 
 
 @dataclass
-class FillPlan:
-    """What a disk's fill read first, and what its data pass should read."""
+class Layout:
+    """Where a disk's ext filesystems start, and what the fill's data pass reads: their
+    allocated blocks (by their block bitmaps) and everything outside them, in order."""
 
-    metadata_bytes: int = 0
-    # Byte ranges of the disk for the data pass, in order: an ext filesystem's allocated
-    # blocks (by its block bitmaps), and everything outside ext filesystems.
+    ext_starts: list[int] = field(default_factory=list)
     ranges: list[Range] = field(default_factory=list)
 
 
-def plan_fill(path: str) -> FillPlan:
-    """Read the metadata of every ext filesystem on the disk at `path` and say what the
-    data pass reads (blocking: run it in a thread). Nothing readable: no ranges."""
-    plan = FillPlan()
+def layout(path: str) -> Layout:
+    """The layout of the disk at `path` (blocking: run it in a thread): a few reads (the
+    tables, superblocks, group descriptors, block bitmaps). Nothing readable: empty."""
+    found = Layout()
     try:
         with ThreadPoolExecutor(metaprefetch.THREADS) as pool:
             reader = metaprefetch.ImageReader(path, pool)
             try:
-                plan.ranges = _data_ranges(_walk_all(path, reader, plan), reader.size)
+                found.ext_starts = ext_starts(reader.read, reader.size)
+                found.ranges = _data_ranges(_spans(found.ext_starts, reader), reader.size)
             finally:
                 reader.close()
     except OSError as exc:
         log.info("fill: cannot read %s: %s", path, exc)
-    return plan
+    return found
 
 
 Span = tuple[int, int, list[Range]]  # a filesystem: start, end, its allocated ranges
 
 
-def _walk_all(path: str, reader: metaprefetch.ImageReader, plan: FillPlan) -> list[Span]:
-    """Walk each ext filesystem's metadata; the span of each."""
+def _spans(starts: list[int], reader: metaprefetch.ImageReader) -> list[Span]:
     spans = []
-    for start in ext_starts(reader.read, reader.size):
-        walked = metaprefetch.prefetch(path, start, [(ROOT_INODE, None)])
-        plan.metadata_bytes += walked.bytes_read
-        log.info("fill: metadata of the ext filesystem at %d of %s: %d directories, %d "
-                 "inodes, %d bytes", start, path, walked.directories, walked.inodes,
-                 walked.bytes_read)  # fmt: skip
+    for start in starts:
         try:
             fs = Ext4(reader.read, start, reader.size - start)
             spans.append((start, start + fs.blocks_count * fs.block_size, allocated(fs, reader)))
         except (NotExt4, Damaged, struct.error) as exc:
             log.info("fill: no block bitmaps for the filesystem at %d: %s", start, exc)
     return spans
+
+
+def walk_metadata(path: str, starts: list[int]) -> int:
+    """Read every directory block and inode of the ext filesystems at `starts` of the
+    disk at `path` (blocking: run it in a thread); the bytes read."""
+    total = 0
+    for start in starts:
+        walked = metaprefetch.prefetch(path, start, [(ROOT_INODE, None)])
+        log.info("fill: metadata of the ext filesystem at %d of %s: %d directories, %d "
+                 "inodes, %d bytes", start, path, walked.directories, walked.inodes,
+                 walked.bytes_read)  # fmt: skip
+        total += walked.bytes_read
+    return total
 
 
 def allocated(fs: Ext4, reader: metaprefetch.ImageReader) -> list[Range]:

@@ -13,11 +13,13 @@ from pathlib import Path
 import pytest
 
 from backupfs.store.indexer import index_store
+from tests.support import mounting
 from tests.support.attachment import attach_env
 from tests.support.nginx import Nginx
 from tests.support.proxy import FaultProxy
 from tests.support.system import mount_points_under, remove_tree, unmount
 
+mounting.DEFAULT_OPTIONS["fill"] = "off"  # see mounting.DEFAULT_OPTIONS; test_fill turns it on
 TOKEN = "s3cret-token-0123456789"
 BIG = "web01/2026-11-20T0300Z/disk0.img"
 BIG_SIZE = (256 << 20) + 12345  # not a multiple of the block size: the last block is short

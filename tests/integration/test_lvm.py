@@ -7,7 +7,7 @@ striped one and one spread over both disks are joined by the mount daemon
 (MNT/.backupfs/volumes/) and mounted the same way; a swap volume is listed with its
 reason; two snapshots whose groups have the same name attach side by side (the second
 one's disks in qcow2, so its volumes lie on virtual disks); files are compared by
-SHA-256, restored through a read plan, and nothing is left behind.
+SHA-256, warmed through a read plan and restored, and nothing is left behind.
 """
 
 import shutil
@@ -111,10 +111,13 @@ def test_volumes_of_segments_stripes_and_two_disks_attach_side_by_side(tmp_path:
             assert any("vgdata-swap  swap" in x and "skipped: swap" in x for x in lines), lines
             volumes = sorted(p.name for p in (served.mnt / ".backupfs/volumes").iterdir())
             assert len(volumes) == 6 and all(v.startswith("vgdata-") for v in volumes), volumes
-            dest, before = work / "restored", read_stats(served.mnt)["plan_bytes"]
+            before = read_stats(served.mnt)["plan_bytes"]
+            warmed = run_cli("warm", str(b.target / "vgdata-far"), env=env)
+            assert warmed.returncode == 0, warmed.stderr
+            assert read_stats(served.mnt)["plan_bytes"] > before  # planned through the volume
+            dest = work / "restored"
             done = run_cli("restore", str(b.target / "vgdata-far"), str(dest), env=env)
             assert done.returncode == 0, done.stderr
-            assert read_stats(served.mnt)["plan_bytes"] > before  # planned through the volume
             for rel, digest in sums["vgdata-far"].items():
                 assert sha256_file(dest / rel) == digest, rel
         assert mount_points_under(work / "old") == mount_points_under(work / "new") == []

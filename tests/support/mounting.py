@@ -71,9 +71,23 @@ def start_foreground(url: str, mountpoint: Path, *options: str) -> subprocess.Po
         shutil.rmtree(sock_dir, ignore_errors=True)
 
 
+# Options every daemon started here gets unless its caller names them. The integration
+# tests' conftest turns the background fill off (fill=off), so that the bytes a test sees
+# fetched are what it read; tests/integration/test_fill.py turns it on. Benchmarks keep
+# the product's defaults.
+DEFAULT_OPTIONS: dict[str, str] = {}
+
+
+def _with_defaults(options: tuple[str, ...]) -> tuple[str, ...]:
+    named = {o.split("=", 1)[0] for item in options for o in item.split(",")}
+    extra = tuple(f"{k}={v}" for k, v in DEFAULT_OPTIONS.items() if k not in named)
+    return extra + options
+
+
 def _start_foreground(
     url: str, mountpoint: Path, options: tuple[str, ...], sock_dir: Path
 ) -> subprocess.Popen[bytes]:
+    options = _with_defaults(options)
     sock_path = str(sock_dir / "notify")
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
         sock.bind(sock_path)
