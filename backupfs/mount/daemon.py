@@ -142,7 +142,8 @@ async def serve(
                     stats,
                     opts.fill_max or fill_budget(),
                     pyfuse3.notify_store,
-                    busy=lambda: limiter.waiting[0] > 0 or plans.sessions > 0,
+                    busy=lambda: limiter.waiting[0] > 0 or plans.plans > 0,
+                    planning=lambda: plans.plans > 0,
                     path_of=lambda inode: _served_path(tree, mountpoint, inode),
                     data=opts.fill == "auto",
                 )

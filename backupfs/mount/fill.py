@@ -47,6 +47,7 @@ class Filler:
         max_bytes: int,
         store: Store,
         busy: Callable[[], bool],
+        planning: Callable[[], bool],
         path_of: Callable[[int], str | None],
         data: bool = True,
     ) -> None:
@@ -54,6 +55,7 @@ class Filler:
         self.left_bytes = max_bytes  # of the mount's budget
         self.store = store
         self.busy = busy  # demand reads wait for a connection, or a read plan is served
+        self.planning = planning  # a read plan is served: the metadata walk gives way
         self.path_of = path_of  # of a file of the mount, for the metadata walk
         self.data = data  # fill=auto; False: fill=metadata
         self._started: set[int] = set()  # inodes
@@ -88,8 +90,11 @@ class Filler:
                 workers.start_soon(self._worker, inode, served, pieces)
 
     async def _walk(self, path: str, starts: list[int]) -> None:
-        """The metadata walk, through the mount (its reads are demand reads)."""
-        read = await trio.to_thread.run_sync(walk_metadata, path, starts, abandon_on_cancel=True)
+        """The metadata walk, through the mount (its reads are demand reads). It stops for
+        good at its next round once a read plan is served: a restore walks what it needs
+        itself, and does not wait behind a walk of everything."""
+        read = await trio.to_thread.run_sync(walk_metadata, path, starts, self.planning,
+                                             abandon_on_cancel=True)  # fmt: skip
         self.stats.fill_metadata_bytes += read
 
     async def _worker(self, inode: int, served: Served, pieces: Iterator[tuple[int, int]]) -> None:

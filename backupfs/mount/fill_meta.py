@@ -104,12 +104,14 @@ def _spans(starts: list[int], reader: metaprefetch.ImageReader) -> list[Span]:
     return spans
 
 
-def walk_metadata(path: str, starts: list[int]) -> int:
+def walk_metadata(path: str, starts: list[int], stop: Callable[[], bool]) -> int:
     """Read every directory block and inode of the ext filesystems at `starts` of the
-    disk at `path` (blocking: run it in a thread); the bytes read."""
+    disk at `path` (blocking: run it in a thread), until `stop()`; the bytes read."""
     total = 0
     for start in starts:
-        walked = metaprefetch.prefetch(path, start, [(ROOT_INODE, None)])
+        if stop():
+            break
+        walked = metaprefetch.prefetch(path, start, [(ROOT_INODE, None)], stop)
         log.info("fill: metadata of the ext filesystem at %d of %s: %d directories, %d "
                  "inodes, %d bytes", start, path, walked.directories, walked.inodes,
                  walked.bytes_read)  # fmt: skip

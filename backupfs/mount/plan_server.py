@@ -160,6 +160,7 @@ class PlanServer:
         self.allow_other = allow_other
         self.limits = limits or PlanLimits()
         self.sessions = 0  # connections being served now
+        self.plans = 0  # of which restore or warm plans (not volume requests)
 
     async def serve(
         self, mountpoint: str, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
@@ -268,10 +269,14 @@ class PlanServer:
             return
         rel, mode = channel.check_head(head)
         image = self._image(rel)
-        if mode == "warm":
-            await self._warm(image, receiver, stream)
-        else:
-            await self._restore(image, receiver)
+        self.plans += 1
+        try:
+            if mode == "warm":
+                await self._warm(image, receiver, stream)
+            else:
+                await self._restore(image, receiver)
+        finally:
+            self.plans -= 1
 
     async def _volume(self, head: dict[str, object], stream: trio.SocketStream) -> None:
         try:

@@ -19,7 +19,7 @@ import bisect
 import logging
 import os
 import struct
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -128,11 +128,17 @@ class Walked:
     files: dict[int, FileMap] = field(default_factory=dict)
 
 
-def prefetch(image: str, partition_start: int, starts: list[tuple[int, Selection]]) -> Walked:
+def prefetch(
+    image: str,
+    partition_start: int,
+    starts: list[tuple[int, Selection]],
+    stop: Callable[[], bool] | None = None,
+) -> Walked:
     """Walk from the directories `starts` (inode number, selection) in the ext2/3/4
     filesystem at `partition_start` of `image`, reading every directory block, inode,
     xattr block and long symlink the selection covers. Best effort: a filesystem this
-    cannot read is left to the kernel's own reads."""
+    cannot read is left to the kernel's own reads. `stop`, asked before each round, ends
+    the walk early (the daemon's fill yields to a restore)."""
     walked = Walked()
     with ThreadPoolExecutor(THREADS) as pool:
         try:
@@ -142,7 +148,7 @@ def prefetch(image: str, partition_start: int, starts: list[tuple[int, Selection
             return walked
         try:
             fs = Ext4(reader.read, partition_start, reader.size - partition_start)
-            _walk(fs, reader, starts, walked)
+            _walk(fs, reader, starts, walked, stop)
         except (NotExt4, OSError, IndexError, ValueError, OverflowError, struct.error) as exc:
             log.info("metadata prefetch stopped: %s", exc)
             walked.errors.append(str(exc))
@@ -155,12 +161,18 @@ def prefetch(image: str, partition_start: int, starts: list[tuple[int, Selection
     return walked
 
 
-def _walk(fs: Ext4, reader: ImageReader, starts: list[tuple[int, Selection]], w: Walked) -> None:
+def _walk(
+    fs: Ext4,
+    reader: ImageReader,
+    starts: list[tuple[int, Selection]],
+    w: Walked,
+    stop: Callable[[], bool] | None = None,
+) -> None:
     wanted: Wanted = {n: (sel, b"") for n, sel in starts}
     seen: set[int] = set()  # directories and symlinks read: a damaged tree may loop
     xattrs: set[int] = set()  # xattr blocks read: many inodes may share one
     budget = fs.blocks_count * fs.block_size  # a real tree's data fits in its filesystem
-    while wanted and w.rounds < MAX_LEVELS:
+    while wanted and w.rounds < MAX_LEVELS and not (stop is not None and stop()):
         w.rounds += 1
         chunks = reader.read_many(fs.inode_range(n) for n in wanted)
         inodes = [(fs.parse_inode(n, chunks.get(*fs.inode_range(n))), sel, rel)

@@ -134,6 +134,10 @@ def test_prefetch_walks_the_whole_tree_or_only_the_selected_paths(tmp_path: Path
     assert some.inodes == 1 + 3 + 1 + 1 + 600  # root, a, b, c, deep.txt, big and its files
     assert some.rounds == 5
 
+    asked = iter([False, False, True])  # as the fill does once a restore begins
+    stopped = prefetch(str(image), OFFSET, [(ROOT_INODE, None)], lambda: next(asked))
+    assert stopped.rounds == 2 and stopped.inodes < everything
+
 
 def test_prefetch_of_something_else_reports_and_reads_little(tmp_path: Path) -> None:
     image = tmp_path / "zeros.img"
