@@ -14,7 +14,8 @@ for a connection or a read plan (restore, warm) is being served: a plan knows be
 what is needed. The bytes are the block reader's, verified like any other; a raw image's
 blocks leave the LRU once the kernel holds them, so the fill never pushes out what
 demand reads cached. The total pushed per mount is bounded (`fill_max=`); the kernel
-evicts those pages like any clean page cache.
+evicts those pages like any clean page cache. At most FILLS_AT_ONCE disks fill at a
+time.
 """
 
 import errno
@@ -33,6 +34,7 @@ from backupfs.store.image import Image, Served
 log = logging.getLogger(__name__)
 FILL_PIECE = 4 << 20
 FILL_WORKERS = 4
+FILLS_AT_ONCE = 2  # disks filled at the same time; the others wait their turn
 BACKOFF_S = 0.02  # while demand reads wait for a connection
 
 Store = Callable[[int, int, bytes], None]  # pyfuse3.notify_store(inode, offset, data)
@@ -59,6 +61,7 @@ class Filler:
         self.path_of = path_of  # of a file of the mount, for the metadata walk
         self.data = data  # fill=auto; False: fill=metadata
         self._started: set[int] = set()  # inodes
+        self._turns = trio.CapacityLimiter(FILLS_AT_ONCE)  # `file *.img` opens many disks
 
     def on_read(self, inode: int, served: Served) -> None:
         """A read of `served` (the file `inode`): start its fill, once per mount."""
@@ -68,9 +71,10 @@ class Filler:
         self.nursery.start_soon(self._fill, inode, served)
 
     async def _fill(self, inode: int, served: Served) -> None:
-        self.stats.fills_started += 1
-        await self._fill_disk(inode, served)
-        self.stats.fills_done += 1
+        async with self._turns:
+            self.stats.fills_started += 1
+            await self._fill_disk(inode, served)
+            self.stats.fills_done += 1
 
     async def _fill_disk(self, inode: int, served: Served) -> None:
         path = self.path_of(inode)
