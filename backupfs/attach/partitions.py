@@ -191,14 +191,25 @@ def with_volumes(image: str, parts: list[Partition]) -> list[Partition]:
     (numbered from LV_NUMBERS on, named VG-LV; a name seen twice is listed once). The
     physical volumes of a group are looked for on this disk, then on the other disks of
     its directory (a snapshot's disk0.img, disk1.img, ...)."""
+    texts: dict[int, tuple[str, str]] = {}  # each PV of this disk, read once: (id, text)
+    broken: dict[int, lvm.LvmError] = {}
+    for part in parts:
+        if part.fstype == "LVM2_member":
+            try:
+                texts[part.start_bytes] = _metadata(image, part.start_bytes, part.size_bytes)
+            except lvm.LvmError as exc:
+                broken[part.start_bytes] = exc
+    places = _Places(image, {texts[p.start_bytes][0]: (image, p.start_bytes, p.size_bytes)
+                             for p in reversed(parts) if p.start_bytes in texts})  # fmt: skip
     out: list[Partition] = []
-    places = _Places(image, parts)
     for part in parts:
         if part.fstype != "LVM2_member":
             out.append(part)
             continue
         try:
-            pv_id, text = _metadata(image, part.start_bytes, part.size_bytes)
+            if part.start_bytes in broken:
+                raise broken[part.start_bytes]
+            pv_id, text = texts[part.start_bytes]
             found = lvm.volumes(text, pv_id, part.size_bytes)
         except lvm.LvmError as exc:
             out.append(dataclasses.replace(part, reason=f"LVM physical volume: {exc}"))
@@ -225,10 +236,9 @@ class _Places:
     disk are read first; the other disks of its directory only when a volume needs a
     physical volume this disk lacks."""
 
-    def __init__(self, image: str, parts: list[Partition]) -> None:
+    def __init__(self, image: str, found: dict[str, tuple[str, int, int]]) -> None:
         self.image = image
-        self.found = self._labels(image, [(p.start_bytes, p.size_bytes) for p in parts
-                                          if p.fstype == "LVM2_member"])  # fmt: skip
+        self.found = found  # this disk's, read by with_volumes
         self.scanned = False
 
     @staticmethod
@@ -299,7 +309,7 @@ def _placed(image: str, lv: lvm.LogicalVolume, number: int, places: _Places) -> 
                 return Partition(number, 0, lv.size_bytes, volume=lv.name, reason=why)
             areas.append((disk, start + area.start_bytes))
         runs.append(Run(seg.size_bytes, seg.stripe_bytes, tuple(areas)))
-    if len(runs) == 1 and len(runs[0].areas) == 1 and runs[0].areas[0][0] == image:
+    if lv.contiguous is not None and runs[0].areas[0][0] == image:
         start = runs[0].areas[0][1]
         found = probe(image, start, lv.size_bytes)
         part = _with_probe(Partition(number, start, lv.size_bytes), found)

@@ -24,7 +24,7 @@ from backupfs.errors import EXIT_INTERNAL, UserError, user_error_in
 from backupfs.linux.holders import is_dead_mount
 from backupfs.linux.mountinfo import top_fstype
 from backupfs.mount import control, tuning
-from backupfs.mount.control import CONTROL_DIR, VOLUMES_DIR
+from backupfs.mount.control import VOLUMES_REL
 from backupfs.mount.fill import Filler, fill_budget
 from backupfs.mount.fuse_ops import BackupFsOps
 from backupfs.mount.opening import open_store
@@ -67,7 +67,7 @@ def _served_path(tree: Tree, mountpoint: str, inode: int) -> str | None:
     """Where a served file is in the mount (for the fill's metadata walk)."""
     volume = tree.volumes.by_inode.get(inode)
     if volume is not None:
-        return os.path.join(mountpoint, CONTROL_DIR, VOLUMES_DIR, volume.name)
+        return os.path.join(mountpoint, VOLUMES_REL, volume.name)
     rel = tree.path_of(inode)
     return None if rel is None else os.path.join(mountpoint, rel)
 

@@ -107,9 +107,11 @@ class Filler:
             if self.left_bytes <= 0:
                 return
             try:
-                if not await self._worth_filling(served, start, end):
+                stored = await self.disks.stored_ranges(served, start, end)
+                if not await _worth_filling(stored):
                     continue
-                await self.disks.fetch_behind(served, start, end)  # at background priority
+                for image, lo, hi in stored:  # at background priority
+                    self.disks.reader.fetch_behind(image, lo, hi)
                 data = await self.disks.read(served, start, end - start, counted=False)
                 # In a thread: the kernel may hold a page of this range locked for a read
                 # that waits for this very loop to answer it (the store would deadlock).
@@ -133,24 +135,25 @@ class Filler:
                 return
             await trio.sleep(BACKOFF_S)
 
-    async def _worth_filling(self, served: Served, start: int, end: int) -> bool:
-        """Whether `[start, end)` reads any stored block that is not all zeros."""
-        for image, lo, hi in await self.disks.stored_ranges(served, start, end):
-            digests = image.digests
-            if digests is None or not digests.marks_zeros:
-                return True
-            bs = image.digest_block_size
-            records = await digests.records(lo // bs, -(-hi // bs))
-            if records.strip(b"\0"):
-                return True
-        return False
-
     def _release(self, served: Served, start: int, end: int) -> None:
         """A raw image's blocks leave the LRU once the kernel holds them."""
         if isinstance(served, Image):
             cache = self.disks.reader.cache
             for n in block_range(start, end - start, served.block_size, served.size_bytes):
                 cache.discard((served.image_id, n))
+
+
+async def _worth_filling(stored: list[tuple[Image, int, int]]) -> bool:
+    """Whether the stored ranges of a piece hold any block that is not all zeros."""
+    for image, lo, hi in stored:
+        digests = image.digests
+        if digests is None or not digests.marks_zeros:
+            return True
+        bs = image.digest_block_size
+        records = await digests.records(lo // bs, -(-hi // bs))
+        if records.strip(b"\0"):
+            return True
+    return False
 
 
 def _pieces(ranges: list[tuple[int, int]], step: int) -> Iterator[tuple[int, int]]:

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import trio
 
 from backupfs.errors import FetchError, StoreError
-from backupfs.mount.control import CONTROL_DIR, VOLUMES_DIR
+from backupfs.mount.control import VOLUMES_REL
 from backupfs.mount.tree import Tree
 from backupfs.mount.volumes import VolumeRefused
 from backupfs.plan import channel
@@ -245,7 +245,7 @@ class PlanServer:
             raise PlanError(f"no message for {timeout_s:g}s") from None
 
     def _image(self, rel: str) -> Served:
-        volumes = f"{CONTROL_DIR}/{VOLUMES_DIR}/"
+        volumes = VOLUMES_REL + "/"
         if rel.startswith(volumes) and rel[len(volumes) :] in self.tree.volumes.by_name:
             return self.tree.volumes.by_name[rel[len(volumes) :]]
         node = self.tree.find(rel)
@@ -285,7 +285,7 @@ class PlanServer:
             raise PlanError(str(exc)) from None
         log.info("serving volume %s (%d bytes, %d runs)", volume.name, volume.size_bytes,
                  len(volume.runs))  # fmt: skip
-        path = f"{CONTROL_DIR}/{VOLUMES_DIR}/{volume.name}"
+        path = f"{VOLUMES_REL}/{volume.name}"
         reply: dict[str, object] = {
             "done": True,
             "error": None,

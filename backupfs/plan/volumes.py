@@ -17,15 +17,15 @@ _PATH = re.compile(r"\.backupfs/volumes/[A-Za-z0-9+_.-]+")
 def serve_volume(name: str, runs: tuple[Run, ...]) -> str:
     """The path of the file the daemon serves for volume `name`; UserError, with the
     reason, when no daemon serves all of its disks or the daemon refuses."""
-    mounts = {backupfs_mount(disk) for run in runs for disk, _ in run.areas}
-    points = {m[0] for m in mounts if m is not None}
-    if None in mounts or len(points) != 1:
+    mounts = {disk: backupfs_mount(disk) for run in runs for disk, _ in run.areas}
+    points = {m[0] for m in mounts.values() if m is not None}
+    if None in mounts.values() or len(points) != 1:
         raise UserError(
             "its segments must be joined, and without device-mapper only the mount daemon "
             "does that: attach the image from a backupfs mount"
         )
     (mountpoint,) = points
-    rel = {disk: m[1] for run in runs for disk, _ in run.areas if (m := backupfs_mount(disk))}
+    rel = {disk: m[1] for disk, m in mounts.items() if m is not None}
     message = {
         "volume": name,
         "runs": [[r.size_bytes, r.stripe_bytes, [[rel[d], off] for d, off in r.areas]]

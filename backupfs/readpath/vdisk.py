@@ -14,7 +14,8 @@ is mapped in the background and its stored ranges prefetched.
 """
 
 import logging
-from collections.abc import Hashable
+from collections.abc import Awaitable, Callable, Hashable
+from functools import partial
 
 import trio
 from cachetools import LRUCache
@@ -128,27 +129,17 @@ class DiskReader:
     async def _read_volume(self, volume: Volume, start: int, end: int, note: "_ReadNote") -> bytes:
         """Virtual `[start, end)` of a volume: its pieces read at once, from raw images
         (uncounted, like a chain's stored reads) or through their disks' tables."""
-        pieces = volume.pieces(start, end)
-        parts: list[bytes] = [b""] * len(pieces)
-        failed: list[Exception] = []
+        return await _gathered([partial(self._piece, disk, offset, length, note)
+                                for disk, offset, length in volume.pieces(start, end)])  # fmt: skip
 
-        async def one(i: int, disk: Image | VirtualDisk, offset: int, length: int) -> None:
-            try:
-                if isinstance(disk, Image):
-                    note.saw(self.reader, disk, offset, length)
-                    parts[i] = await self.reader.read(disk, offset, length, counted=False)
-                else:
-                    await self.open(disk)
-                    parts[i] = await self._read_layer(disk, 0, offset, offset + length, note)
-            except (FetchError, FormatError) as exc:  # the first one is the read's error
-                failed.append(exc)
-
-        async with trio.open_nursery() as nursery:
-            for i, piece in enumerate(pieces):
-                nursery.start_soon(one, i, *piece)
-        if failed:
-            raise failed[0]
-        return b"".join(parts)
+    async def _piece(
+        self, disk: Image | VirtualDisk, offset: int, length: int, note: "_ReadNote"
+    ) -> bytes:
+        if isinstance(disk, Image):
+            note.saw(self.reader, disk, offset, length)
+            return await self.reader.read(disk, offset, length, counted=False)
+        await self.open(disk)
+        return await self._read_layer(disk, 0, offset, offset + length, note)
 
     async def extents(self, disk: VirtualDisk, depth: int, start: int, end: int) -> list[Extent]:
         """Virtual `[start, end)` of layer `depth` as extents (its tables read as needed)."""
@@ -168,21 +159,7 @@ class DiskReader:
         extents = await self.extents(disk, depth, start, end)
         if len(extents) == 1:
             return await self._extent_bytes(disk, depth, extents[0], note)
-        parts: list[bytes] = [b""] * len(extents)
-        failed: list[Exception] = []
-
-        async def one(i: int, extent: Extent) -> None:
-            try:
-                parts[i] = await self._extent_bytes(disk, depth, extent, note)
-            except (FetchError, FormatError) as exc:  # the first one is the read's error
-                failed.append(exc)
-
-        async with trio.open_nursery() as nursery:
-            for i, extent in enumerate(extents):
-                nursery.start_soon(one, i, extent)
-        if failed:
-            raise failed[0]
-        return b"".join(parts)
+        return await _gathered([partial(self._extent_bytes, disk, depth, e, note) for e in extents])
 
     async def _extent_bytes(
         self, disk: VirtualDisk, depth: int, extent: Extent, note: "_ReadNote"
@@ -251,11 +228,6 @@ class DiskReader:
         for image, lo, hi in await self.stored_ranges(disk, start, end):
             self.reader.prefetch(image, lo, hi)
 
-    async def fetch_behind(self, disk: Served, start: int, end: int) -> None:
-        """BlockReader.fetch_behind of what `[start, end)` of a served disk reads."""
-        for image, lo, hi in await self.stored_ranges(disk, start, end):
-            self.reader.fetch_behind(image, lo, hi)
-
     async def fetched(self, disk: Served, start: int, end: int) -> None:
         """Return once what `[start, end)` of a served disk reads is in the cache."""
         for image, lo, hi in await self.stored_ranges(disk, start, end):
@@ -291,6 +263,28 @@ class DiskReader:
                     if e.start < top:
                         todo.append((depth + 1, e.start, top))
         return _coalesced(out)
+
+
+async def _gathered(reads: list[Callable[[], Awaitable[bytes]]]) -> bytes:
+    """The bytes of `reads`, run at once, joined in order; the first FetchError or
+    FormatError among them is the read's error."""
+    if len(reads) == 1:
+        return await reads[0]()
+    parts: list[bytes] = [b""] * len(reads)
+    failed: list[Exception] = []
+
+    async def one(i: int) -> None:
+        try:
+            parts[i] = await reads[i]()
+        except (FetchError, FormatError) as exc:
+            failed.append(exc)
+
+    async with trio.open_nursery() as nursery:
+        for i in range(len(reads)):
+            nursery.start_soon(one, i)
+    if failed:
+        raise failed[0]
+    return b"".join(parts)
 
 
 def _key(disk: VirtualDisk | Volume) -> int:
