@@ -7,6 +7,7 @@ a local directory. Everything built lands in `work/`; a stamp file says what it 
 from, so reruns with the same parameters reuse it.
 """
 
+import argparse
 import contextlib
 import hashlib
 import json
@@ -330,6 +331,17 @@ def check_tree(manifest: Manifest, restored: Path) -> str | None:
     return check_files(
         manifest.files, {rel: restored / rel for rel, (kind, _) in got.items() if kind == "f"}
     )
+
+
+def dataset_arguments(parser: argparse.ArgumentParser, link_help: str) -> None:
+    """The options of the benchmarks that restore from the suite's dataset."""
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--link", default="20@400", help=link_help)
+    parser.add_argument("--tree-source", default=None, help="a directory instead of debootstrap")
+    parser.add_argument("--big-mib", type=int, default=1024)
+    parser.add_argument("--mirror", default="http://deb.debian.org/debian")
+    parser.add_argument("--work", type=Path, default=Path(__file__).parent / "out" / "suite",
+                        help="the dataset's directory")  # fmt: skip
 
 
 def say(text: str) -> None:

@@ -21,7 +21,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common import LINK_HELP, cpu_seconds, drop_caches, link_url, run_logged
-from dataset import BIG_IMAGE, BIG_NAME, TREE_IMAGE, Dataset, check_files, check_tree, prepare
+from dataset import (
+    BIG_IMAGE,
+    BIG_NAME,
+    TREE_IMAGE,
+    Dataset,
+    check_files,
+    check_tree,
+    dataset_arguments,
+    prepare,
+)
 
 from tests.support.attachment import attach_env, attached
 from tests.support.mounting import daemon_pids, mounted, read_stats, run_cli
@@ -43,7 +52,8 @@ class Row:
 
 def _allocated_clusters(raw: Path) -> list[int]:
     """Offsets of the clusters of `raw` that hold data (SEEK_DATA/SEEK_HOLE)."""
-    out, size = [], raw.stat().st_size
+    out: list[int] = []
+    size = raw.stat().st_size
     with open(raw, "rb") as f:
         pos = 0
         while pos < size:
@@ -132,14 +142,9 @@ def run_one(url: str, work: Path, kind: str, workload: str, ds: Dataset) -> Row:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--link", default="20@400", help=LINK_HELP)
-    parser.add_argument("--tree-source", default=None, help="a directory instead of debootstrap")
-    parser.add_argument("--big-mib", type=int, default=1024)
-    parser.add_argument("--mirror", default="http://deb.debian.org/debian")
+    dataset_arguments(parser, LINK_HELP)
     parser.add_argument("--kinds", default=",".join(KINDS), help="a subset of " + ",".join(KINDS))
     parser.add_argument("--workloads", default="tree,big")
-    parser.add_argument("--work", type=Path, default=Path(__file__).parent / "out" / "suite")
     args = parser.parse_args()
     ds = prepare(args.work, args.tree_source, args.big_mib, args.mirror)
     store = args.work / "vdisks-store"

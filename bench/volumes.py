@@ -46,6 +46,7 @@ from dataset import (
     Manifest,
     check_files,
     check_tree,
+    dataset_arguments,
     ext4_size_mib,
     prepare,
 )
@@ -374,14 +375,8 @@ def report(rows: list[Row], args: argparse.Namespace, tree_source: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--link", default="20@400", help=LINK_HELP)
-    parser.add_argument("--tree-source", default=None, help="a directory instead of debootstrap")
-    parser.add_argument("--big-mib", type=int, default=1024)
+    dataset_arguments(parser, LINK_HELP)
     parser.add_argument("--small-files", type=int, default=10000)
-    parser.add_argument("--mirror", default="http://deb.debian.org/debian")
-    parser.add_argument("--work", type=Path, default=Path(__file__).parent / "out" / "suite",
-                        help="the dataset's directory (bench/dataset.py)")  # fmt: skip
     args = parser.parse_args()
     if os.geteuid() != 0:
         sys.exit("volumes: run as root (loop devices, mounts, lvm2, drop_caches)")
