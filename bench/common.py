@@ -1,7 +1,8 @@
 """Shared pieces of the benchmarks: links (direct or through a delaying proxy), process
-metrics, and dropping caches between cold runs."""
+metrics, dropping caches between cold runs, and loop-mounting partition 1 of an image file."""
 
 import contextlib
+import json
 import os
 import re
 import shlex
@@ -17,7 +18,9 @@ os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [ROOT, os.environ.get("P
 
 from tests.support.nginx import Nginx  # noqa: E402
 from tests.support.proxy import DelayProxy  # noqa: E402
+from tests.support.system import unmount  # noqa: E402
 
+LOOP_MOUNT_OPTIONS = "ro,noload,nosuid,nodev,noexec"  # what `backupfs attach` uses for ext4
 LINK_HELP = "comma-separated links: `direct` (nginx on loopback) or RTT_MS[@MBIT] (a proxy)"
 
 
@@ -55,3 +58,50 @@ def run_logged(argv: list[str], timeout: float = 120, env: dict[str, str] | None
         error = (proc.stderr.strip() or proc.stdout.strip())[-2000:]
         raise RuntimeError(f"{shlex.join(argv)[:300]} exited with {proc.returncode}: {error}")
     return proc.stdout
+
+
+def loop_mount(image: Path, target: Path, stack: contextlib.ExitStack) -> None:
+    """Mount partition 1 of `image` (found with `sfdisk --json`) read-only at `target`
+    through one buffered loop device (`losetup --offset --sizelimit`), with the options
+    `backupfs attach` uses for ext4; the undo steps go on `stack` as they become due."""
+    table = json.loads(run_logged(["sfdisk", "--json", str(image)], timeout=300))
+    table = table["partitiontable"]
+    part = table["partitions"][0]
+    sector = int(table.get("sectorsize", 512))
+    device = run_logged(
+        [
+            "losetup",
+            "--find",
+            "--show",
+            "--read-only",
+            "--offset",
+            str(part["start"] * sector),
+            "--sizelimit",
+            str(part["size"] * sector),
+            str(image),
+        ],
+        timeout=300,
+    ).strip()
+    stack.callback(detach_loop, device, image)
+    target.mkdir(exist_ok=True)
+    stack.callback(unmount_dir, target)
+    run_logged(["mount", "-t", "ext4", "-o", LOOP_MOUNT_OPTIONS, device, str(target)], timeout=300)
+
+
+def detach_loop(device: str, image: Path) -> None:
+    """Free `device` if it still points at `image` (a device number may be reused)."""
+    back = subprocess.run(
+        ["losetup", "--noheadings", "--output", "BACK-FILE", device],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    ).stdout.strip()
+    if back and os.path.realpath(back.removesuffix(" (deleted)")) == os.path.realpath(image):
+        run_logged(["losetup", "--detach", device], timeout=300)
+    elif back:
+        print(f"[suite] left {device} alone: it now points at {back}", file=sys.stderr)
+
+
+def unmount_dir(target: Path) -> None:
+    """umount, retried while busy for a moment (a process still closing a file), then lazily."""
+    unmount(target, attempts=10, timeout_s=300)

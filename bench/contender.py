@@ -1,8 +1,9 @@
 """What a contender in the suite is: a way to make partition 1 of a remote disk image a
 read-only mounted filesystem (`Opened`), and the commands it copies files out with.
 
-The concrete contenders are in backupfs_contender.py (backupfs itself) and peer_tools.py
-(curl+loop, rclone, httpdirfs, nbdkit); contenders.py lists them by name.
+The concrete contenders are in backupfs_contender.py (backupfs itself, attached or plainly
+mounted) and peer_tools.py (curl+loop, rclone, httpdirfs, nbdkit); contenders.py lists them
+by name. `Contender.access` says which of the ways in ACCESS a contender takes.
 """
 
 import contextlib
@@ -13,6 +14,13 @@ from pathlib import Path
 from typing import NamedTuple
 
 from common import cpu_seconds, peak_rss_mib
+
+ACCESS = {
+    "attach": "`backupfs attach`: backupfs makes the loop devices (clones) and mounts",
+    "plain": "plain mount: the image is a file in a FUSE mount; the suite puts one read-only "
+    "loop device on it (`losetup -r --offset --sizelimit`) and mounts that `ro,noload`",
+    "download": "the whole image downloaded to local disk first, then the same loop mount",
+}
 
 
 class Cmd(NamedTuple):
@@ -33,6 +41,9 @@ class Opened:
 class Contender:
     name = ""
     needs: tuple[str, ...] = ()  # commands that must be installed
+    # How it reaches the files (a column of the table, see ACCESS): "attach", "plain" or
+    # "download"
+    access = ""
 
     def describe(self) -> str:
         """One line for the report: the exact way this contender is set up."""

@@ -3,7 +3,12 @@ by name: CONTENDERS, and DEFAULT, the ones that run without --contenders.
 
 Each contender opens partition 1 of a remote image as a read-only mounted filesystem
 (`Opened.root`) and says how it copies files out of it (the interface: contender.py;
-backupfs: backupfs_contender.py; curl+loop, rclone, httpdirfs, nbdkit: peer_tools.py).
+backupfs, attached or plainly mounted: backupfs_contender.py; curl+loop, rclone, httpdirfs,
+nbdkit: peer_tools.py). `backupfs` is the attach way (`backupfs attach`, `backupfs
+restore`); `backupfs-plain` and the FUSE peers are the plain-mount way (the image file in a
+FUSE mount, loop-mounted read-only by the suite, `cp -a`); the table's `access` column
+says which.
+
 Every resource it makes (FUSE mounts, loop devices, mounts, processes, downloaded files)
 goes on the caller's ExitStack the moment it exists, so a failure or Ctrl-C anywhere undoes
 exactly what was made. Processes are stopped by the PID this code started; nothing is
@@ -19,7 +24,7 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-from backupfs_contender import Backupfs
+from backupfs_contender import Backupfs, BackupfsPlain
 from contender import Contender, Opened
 from peer_tools import Download, Httpdirfs, Nbdfuse, Rclone
 
@@ -27,6 +32,7 @@ CONTENDERS: dict[str, Contender] = {
     c.name: c
     for c in [
         Backupfs(),  # restore with its defaults: a read plan where SRC is in an attachment
+        BackupfsPlain(),  # backupfs mount, the image loop-mounted by the suite, cp -a
         Download(),
         Rclone(),
         Httpdirfs(),
@@ -43,9 +49,11 @@ CONTENDERS: dict[str, Contender] = {
             warm=True,
         ),
         Rclone("rclone-off", cache_mode="off"),
+        # the plain mount, copies by `backupfs restore` (no attachment, so no read plan)
+        BackupfsPlain("backupfs-plain+restore", restore=True),
     ]
 }
-DEFAULT = ["backupfs", "curl+loop", "rclone", "httpdirfs", "nbdkit"]
+DEFAULT = ["backupfs", "backupfs-plain", "curl+loop", "rclone", "httpdirfs", "nbdkit"]
 
 
 def missing_commands(contender: Contender) -> list[str]:

@@ -20,7 +20,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from common import run_logged
+from common import loop_mount, run_logged
 
 from tests.support.disks import make_disk
 from tests.support.fsimages import PartSpec
@@ -69,6 +69,7 @@ class Dataset:
     grep_status: int  # W4 baseline: grep's exit status and sorted output on the source
     grep_lines: list[str]
     ls_lines: int  # W5 baseline: `ls -lR` lines on the source (see ls_line_count)
+    # W6 baseline: len(tree.files); W7 baseline: du_baseline(), made lazily
 
     @property
     def sample_bytes(self) -> int:
@@ -134,6 +135,77 @@ def ls_line_count(proc: subprocess.CompletedProcess[bytes]) -> int:
     root = blocks[0].split("\n") if blocks else []
     found = any(line.startswith("d") and line.endswith(" lost+found") for line in root)
     return len(lines) + len(blocks) - 1 - found
+
+
+def run_find(root: Path, timeout_s: float) -> subprocess.CompletedProcess[bytes]:
+    """W6, on each contender's tree: `find . -type f | wc -l` in `root` (bash with pipefail:
+    an error of find fails the pipeline)."""
+    return subprocess.run(
+        ["bash", "-o", "pipefail", "-c", "find . -type f | wc -l"],
+        cwd=root,
+        capture_output=True,
+        timeout=timeout_s,
+        env={**os.environ, "LC_ALL": "C"},
+    )
+
+
+def run_du(root: Path, timeout_s: float) -> subprocess.CompletedProcess[bytes]:
+    """W7, on each contender's tree and once on the image's own (du_baseline): `du -s .` in
+    `root`, KiB allocated (st_blocks), each hard-linked inode once."""
+    return subprocess.run(
+        ["du", "-s", "."],
+        cwd=root,
+        capture_output=True,
+        timeout=timeout_s,
+        env={**os.environ, "LC_ALL": "C"},
+    )
+
+
+def first_number(proc: subprocess.CompletedProcess[bytes]) -> int | None:
+    """The number a command printed first (`wc -l`'s count, `du -s`'s KiB), or None."""
+    words = proc.stdout.split()
+    return int(words[0]) if words and words[0].isdigit() else None
+
+
+DU_CACHE = "dataset-du.json"  # next to dataset.json; not part of the dataset's stamp
+_du_baselines: dict[str, int] = {}
+
+
+def du_baseline(ds: Dataset) -> int:
+    """W7's baseline: `du -s` of the tree's ext4 filesystem itself, the store's image file
+    loop-mounted here as the contenders' image files are (the source tree is deleted once
+    the image holds it, and a copy on another filesystem would allocate other sizes).
+    Made the first time W7 runs on a dataset, kept in dataset-du.json next to dataset.json
+    for as long as the image file stays the same (path, size, mtime): computing it lazily
+    keeps it out of dataset.json and its stamp, so no existing dataset has to be rebuilt."""
+    image = ds.store / TREE_IMAGE
+    st = image.stat()
+    key = f"{image.resolve()}:{st.st_size}:{st.st_mtime_ns}"
+    if key in _du_baselines:
+        return _du_baselines[key]
+    cache = ds.store.parent / DU_CACHE
+    doc = _read_json(cache)
+    if isinstance(doc, dict) and doc.get("image") == key and isinstance(doc.get("du_kib"), int):
+        _du_baselines[key] = doc["du_kib"]
+        return doc["du_kib"]
+    say(f"du -s of the tree's filesystem in {image} (once; kept in {cache})")
+    mnt = ds.store.parent / "du-baseline"
+    with contextlib.ExitStack() as stack:
+        mnt.mkdir(exist_ok=True)
+        stack.callback(_rmdir_quietly, mnt)
+        loop_mount(image, mnt, stack)
+        proc = run_du(mnt, 3600)
+    kib = first_number(proc)
+    if proc.returncode or kib is None:
+        raise RuntimeError(f"du -s failed on {image}: {proc.stderr.decode(errors='replace')}")
+    cache.write_text(json.dumps({"image": key, "du_kib": kib}) + "\n")
+    _du_baselines[key] = kib
+    return kib
+
+
+def _rmdir_quietly(path: Path) -> None:
+    with contextlib.suppress(OSError):  # still mounted (unmount failed, and said so): keep it
+        path.rmdir()
 
 
 def pick_sample(manifest: Manifest) -> list[str]:
@@ -267,6 +339,7 @@ def prepare(work: Path, tree_source: str | None, big_mib: int, mirror: str) -> D
         ls = run_ls(tree, 7200)
         if ls.returncode or grep.returncode not in (0, 1):
             raise RuntimeError(f"grep or ls -lR failed on {tree}: {(grep.stderr + ls.stderr)!r}")
+        (work / DU_CACHE).unlink(missing_ok=True)  # du_baseline would see the new image anyway
         doc = {
             "files": manifest.files,
             "sizes": manifest.sizes,

@@ -1,7 +1,7 @@
 """One cold run of one contender on one workload, and what is measured of it: wall and setup
-time, the bytes nginx served (its access log), CPU of the daemon and of the workload's
-commands, the daemon's peak RSS, and whether the result was right (FAILED) or the run could
-be made at all (ERROR).
+time, the bytes nginx served (its access log: the bytes fetched), CPU of the daemon (also
+per GB fetched) and of the workload's commands, the daemon's peak RSS, and whether the
+result was right (FAILED) or the run could be made at all (ERROR).
 
 A run starts from an empty scratch directory, synced and with caches dropped, and leaves
 the directory empty again; everything the contender set up is undone before the check.
@@ -33,6 +33,11 @@ class Run:
     daemon_rss_mib: float = float("nan")  # its peak RSS (VmHWM)
     failure: str | None = None  # FAILED: the result was wrong or a command failed
     error: str | None = None  # ERROR: the run could not be made (setup failed)
+
+    @property
+    def daemon_cpu_s_per_gb(self) -> float:
+        """Daemon CPU seconds per GB (1e9 bytes) nginx served; NaN when nothing was served."""
+        return self.daemon_cpu_s / (self.served_bytes / 1e9) if self.served_bytes else float("nan")
 
 
 class AccessLog:

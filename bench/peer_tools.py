@@ -9,22 +9,19 @@ with `sfdisk --json` and mounted through one read-only loop device with the opti
 """
 
 import contextlib
-import json
 import os
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-from common import peak_rss_mib, run_logged
+from common import loop_mount, peak_rss_mib
 from contender import Contender, Opened, pid_metrics
 
 from tests.support.mounting import stop as stop_fuse_daemon
-from tests.support.system import is_mounted, unmount
+from tests.support.system import is_mounted
 
 READY_TIMEOUT_S = 60.0
-LOOP_MOUNT_OPTIONS = "ro,noload,nosuid,nodev,noexec"  # what `backupfs attach` uses for ext4
 
 
 class LoopMounted(Contender):
@@ -33,6 +30,7 @@ class LoopMounted(Contender):
     (`losetup --offset --sizelimit`, buffered) with the options `backupfs attach` uses."""
 
     loop_needs = ("losetup", "sfdisk", "mount", "umount")
+    access = "plain"
 
     def image_file(
         self, url: str, image: str, work: Path, stack: contextlib.ExitStack
@@ -44,50 +42,6 @@ class LoopMounted(Contender):
         root = work / "loopfs"
         loop_mount(path, root, stack)
         return Opened(root, metrics=metrics)
-
-
-def loop_mount(image: Path, target: Path, stack: contextlib.ExitStack) -> None:
-    table = json.loads(run_logged(["sfdisk", "--json", str(image)], timeout=300))
-    table = table["partitiontable"]
-    part = table["partitions"][0]
-    sector = int(table.get("sectorsize", 512))
-    device = run_logged(
-        [
-            "losetup",
-            "--find",
-            "--show",
-            "--read-only",
-            "--offset",
-            str(part["start"] * sector),
-            "--sizelimit",
-            str(part["size"] * sector),
-            str(image),
-        ],
-        timeout=300,
-    ).strip()
-    stack.callback(detach_loop, device, image)
-    target.mkdir(exist_ok=True)
-    stack.callback(unmount_dir, target)
-    run_logged(["mount", "-t", "ext4", "-o", LOOP_MOUNT_OPTIONS, device, str(target)], timeout=300)
-
-
-def detach_loop(device: str, image: Path) -> None:
-    """Free `device` if it still points at `image` (a device number may be reused)."""
-    back = subprocess.run(
-        ["losetup", "--noheadings", "--output", "BACK-FILE", device],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    ).stdout.strip()
-    if back and os.path.realpath(back.removesuffix(" (deleted)")) == os.path.realpath(image):
-        run_logged(["losetup", "--detach", device], timeout=300)
-    elif back:
-        print(f"[suite] left {device} alone: it now points at {back}", file=sys.stderr)
-
-
-def unmount_dir(target: Path) -> None:
-    """umount, retried while busy for a moment (a process still closing a file), then lazily."""
-    unmount(target, attempts=10, timeout_s=300)
 
 
 def child_pids(pid: int) -> list[int]:
@@ -232,6 +186,7 @@ class Download(LoopMounted):
 
     needs = ("curl", *LoopMounted.loop_needs)
     name = "curl+loop"
+    access = "download"
 
     def describe(self) -> str:
         return (

@@ -10,7 +10,7 @@ import subprocess
 import sys
 from dataclasses import asdict, dataclass
 
-from contender import Contender
+from contender import ACCESS, Contender
 from dataset import Dataset
 from measure import Run
 from workloads import WORKLOADS
@@ -23,6 +23,7 @@ class Cell:
     contender: str
     payload_bytes: int
     runs: list[Run]
+    access: str = ""  # Contender.access: attach, plain or download
 
     def median_run(self) -> Run | None:
         """The run with the median wall time; None if any run failed or erred."""
@@ -36,11 +37,12 @@ class Cell:
 
     def row(self) -> list[str]:
         run = self.median_run()
-        head = [self.link, self.workload, self.contender]
+        head = [self.link, self.workload, self.contender, self.access]
         if run is None:
             word = "FAILED" if any(r.failure for r in self.runs) else "ERROR"
-            return [*head, word, "-", word, "-", "-", "-", "-"]
+            return [*head, word, "-", word, "-", "-", "-", "-", "-"]
         mbps = f"{self.payload_bytes / run.wall_s / 1e6:.1f}" if self.payload_bytes else "-"
+        per_gb = run.daemon_cpu_s_per_gb
         return [
             *head,
             f"{run.wall_s:.2f}",
@@ -48,33 +50,45 @@ class Cell:
             mbps,
             f"{run.served_bytes / 1e6:.1f}",
             f"{run.daemon_cpu_s:.1f}",
+            f"{per_gb:.1f}" if per_gb == per_gb else "-",
             f"{run.cmd_cpu_s:.1f}",
             f"{run.daemon_rss_mib:.0f}",
         ]
+
+
+TEXT_COLUMNS = 4  # link, work, contender, access: left-aligned; the numbers right-aligned
 
 
 HEADER = [
     "link",
     "work",
     "contender",
+    "access",
     "wall s",
     "setup s",
     "MB/s",
     "served MB",
     "daemon CPU s",
+    "CPU s/GB",
     "cmd CPU s",
     "daemon RSS MiB",
 ]
 LEGEND = [
+    *[f"access {key}: {text}" for key, text in ACCESS.items()],
     "wall s: setup (mount + attach, or the whole download) plus the workload, cold "
     "(sync + drop caches first); median run",
     "setup s: the part of wall s spent making the filesystem readable",
-    "MB/s: the workload's payload (file bytes copied or grepped) / wall s; - for ls -lR",
-    "served MB: response body bytes nginx sent (its access log), metadata included; through "
-    "the proxy this includes data in flight that a client dropped by closing a connection",
+    "MB/s: the workload's payload (file bytes copied or grepped) / wall s; - for W5-W7, "
+    "which read metadata only",
+    "served MB: the bytes fetched: response body bytes nginx sent (its access log), metadata "
+    "included; through the proxy this includes data in flight that a client dropped by "
+    "closing a connection",
     "daemon CPU s / RSS: the FUSE daemon(s) serving the image (nbdkit: nbdfuse + nbdkit), or "
     "curl; RSS is the peak (VmHWM)",
-    "cmd CPU s: the workload's commands (backupfs restore, or cp + sync -f, grep, ls)",
+    "CPU s/GB: daemon CPU s per GB (1e9 bytes) of served MB; the daemon's start-up is in "
+    "it, so only cells that fetch a lot (W1, W2, W4) give a rate per GB",
+    "cmd CPU s: the workload's commands (backupfs restore, or cp + sync -f, grep, ls, "
+    "find | wc, du)",
     "W1-W3 end with one syncfs of the target (backupfs restore does it; `sync -f` after cp)",
 ]
 
@@ -84,7 +98,7 @@ def text_table(rows: list[list[str]]) -> str:
     lines = []
     for r in [HEADER, *rows]:
         cells = [
-            c.ljust(w) if i < 3 else c.rjust(w)
+            c.ljust(w) if i < TEXT_COLUMNS else c.rjust(w)
             for i, (c, w) in enumerate(zip(r, widths, strict=True))
         ]
         lines.append("  ".join(cells).rstrip())
@@ -92,7 +106,8 @@ def text_table(rows: list[list[str]]) -> str:
 
 
 def markdown_table(rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(HEADER) + " |", "|" + "---|" * 3 + "---:|" * (len(HEADER) - 3)]
+    align = "|" + "---|" * TEXT_COLUMNS + "---:|" * (len(HEADER) - TEXT_COLUMNS)
+    lines = ["| " + " | ".join(HEADER) + " |", align]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     return "\n".join(lines)
 
@@ -119,7 +134,8 @@ def report(
         if c.median_run() is None
     ]
     setups = [
-        f"{c.name}: `{c.describe()}`. {' '.join((c.__doc__ or '').split())}" for c in contenders
+        f"{c.name} ({c.access}): `{c.describe()}`. {' '.join((c.__doc__ or '').split())}"
+        for c in contenders
     ]
     workloads = [f"{w.key}: {w.title}" for w in WORKLOADS.values()]
     links = "links: direct = nginx on loopback; RTT_MS[@MBIT] = delaying proxy (RTT, cap)"
@@ -169,7 +185,9 @@ def report(
         "cells": [
             {
                 **{k: v for k, v in asdict(c).items() if k != "runs"},
-                "runs": [asdict(r) for r in c.runs],
+                "runs": [
+                    {**asdict(r), "daemon_cpu_s_per_gb": r.daemon_cpu_s_per_gb} for r in c.runs
+                ],
             }
             for c in cells
         ],

@@ -3,7 +3,7 @@ disk image on an HTTP server, on the same data, links and workloads; prints one 
 
     bash bench/setup-contenders.sh     # once: debootstrap rclone httpdirfs nbdkit libnbd-bin
     python3 bench/suite.py --quick     # smoke run, ~5 min: /usr/share/perl, 64 MiB file, link 20
-    python3 bench/suite.py             # everything: ~5 h, ~3.5 h of it httpdirfs (~1 MB/s)
+    python3 bench/suite.py             # everything: ~6 h, ~4 h of it httpdirfs (~1 MB/s)
     python3 bench/suite.py --links 20@400 --contenders backupfs,rclone --workloads W2,W3
 
 Data: a Debian root filesystem from debootstrap (22k files, 750 MB; the tarball is cached
@@ -13,13 +13,21 @@ Built once under bench/out/suite[-quick]/ and reused while the parameters stay t
 Links: direct (nginx on loopback), 20 (DelayProxy, RTT 20 ms), 20@400 (and 400 Mbit/s).
 Workloads, each cold (sync, drop caches, fresh mount/attach/download per run):
   W1 copy the big file          W2 restore the whole tree     W3 restore a 1% sample of files
-  W4 grep -rF a string (tree)   W5 ls -lR (tree)
-Contenders (contenders.py): backupfs (mount + attach, `backupfs restore`), curl+loop (whole
-download, then a loop device), rclone, httpdirfs, nbdkit (nbdfuse + nbdkit curl); the
-last three with a loop device on the image file in their FUSE mount.
+  W4 grep -rF a string (tree)   W5 ls -lR (tree)              W6 find . -type f | wc -l (tree)
+  W7 du -s (tree)
+  (W1-W3 copy with cp -a + sync -f, except on the backupfs attach rows: backupfs restore)
+Contenders (contenders.py), and the table's `access` column:
+  attach    backupfs (mount + attach, `backupfs restore`)
+  plain     the image file in a FUSE mount, loop-mounted read-only by the suite, `cp -a`:
+            backupfs-plain (`backupfs mount` only), rclone, httpdirfs, nbdkit (nbdfuse +
+            nbdkit curl)
+  download  curl+loop (the whole image downloaded, then the same loop mount)
 Every result is checked against the source (SHA-256 of every file, grep output, ls line
-count); a wrong result shows FAILED instead of a number, a run that could not be made
-ERROR, with the reason under the table. The table is also written as markdown and JSON to
+count, regular file count, du -s of the image's filesystem mounted locally); a wrong
+result shows FAILED instead of a number, a run that could not be made ERROR, with the
+reason under the table. Per cell: wall and setup time, bytes fetched (what nginx served),
+the daemon's CPU seconds (also per GB fetched), the commands' CPU seconds, the daemon's
+peak RSS. The table is also written as markdown and JSON to
 bench/out/suite[-quick].{md,json}. Ctrl-C or SIGTERM undoes every mount, loop device and
 process of the run in progress and prints what was measured so far.
 """
@@ -37,7 +45,7 @@ from types import FrameType
 
 from common import LINK_HELP, link_url
 from contenders import CONTENDERS, DEFAULT, missing_commands
-from dataset import prepare, say
+from dataset import du_baseline, prepare, say
 from measure import AccessLog, one_run
 from report import Cell, no_nan, report
 from workloads import WORKLOADS
@@ -118,6 +126,8 @@ def main() -> int:
         signal.signal(signum, _interrupt)  # unwind: every mount, loop device and daemon undone
 
     ds = prepare(args.work, args.tree_source, args.big_mib, args.mirror)
+    if any(w.key == "W7" for w in workloads):
+        du_baseline(ds)  # once, before any timed run (cached next to dataset.json)
     if args.prepare_only:
         say(
             f"data ready in {args.work}: {len(ds.tree.files)} files, {len(ds.tree.links)} "
@@ -136,14 +146,14 @@ def main() -> int:
             for link in args.links.split(","):
                 for w in workloads:
                     for c in contenders:
-                        cell = Cell(link, w.key, c.name, w.payload(ds), [])
+                        cell = Cell(link, w.key, c.name, w.payload(ds), [], c.access)
                         cells.append(cell)
                         for _ in range(args.runs):
                             with link_url(nginx, link) as url:
                                 cell.runs.append(
                                     one_run(c, w, url, ds, args.work / "scratch", log, args.timeout)
                                 )
-                            say(f"{link} {w.key} {c.name}: " + "  ".join(cell.row()[3:]))
+                            say(f"{link} {w.key} {c.name}: " + "  ".join(cell.row()[4:]))
         complete = True
     except KeyboardInterrupt:
         say("interrupted: everything set up so far was undone; partial table follows")

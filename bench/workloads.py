@@ -1,6 +1,10 @@
-"""The contender suite's workloads W1–W5: what each one runs through a contender, and how its
+"""The contender suite's workloads W1–W7: what each one runs through a contender, and how its
 result is checked against the source (dataset.py holds the source's SHA-256 list, grep
-output and `ls -lR` line count).
+output, `ls -lR` line count and regular file count, and makes `du -s`'s baseline).
+
+W2 is the `cp -a` of the whole tree for every contender that copies with cp (all but the
+`backupfs` attach rows, which run `backupfs restore` there). W4-W7 run the same commands
+everywhere; W5-W7 read metadata only.
 
 A workload runs its commands and returns a Check: called after the contender is torn
 down, it says None when the result is right, or why it is not.
@@ -20,8 +24,12 @@ from dataset import (
     Dataset,
     check_files,
     check_tree,
+    du_baseline,
+    first_number,
     grep_lines,
     ls_line_count,
+    run_du,
+    run_find,
     run_grep,
     run_ls,
 )
@@ -105,12 +113,44 @@ def w5_ls(c: Contender, o: Opened, dest: Path, ds: Dataset, timeout_s: float) ->
     return check
 
 
+def w6_find(c: Contender, o: Opened, dest: Path, ds: Dataset, timeout_s: float) -> Check:
+    run_cmds(c.before_scan(o.root, metadata_only=True), o.env, timeout_s)
+    proc = run_find(o.root, timeout_s)
+
+    def check() -> str | None:
+        if proc.returncode:
+            error = proc.stderr.decode(errors="replace").strip()[-200:]
+            return f"find | wc -l exited with {proc.returncode}: {error}"
+        count, expected = first_number(proc), len(ds.tree.files)
+        return None if count == expected else f"{count} files, {expected} in the source"
+
+    return check
+
+
+def w7_du(c: Contender, o: Opened, dest: Path, ds: Dataset, timeout_s: float) -> Check:
+    run_cmds(c.before_scan(o.root, metadata_only=True), o.env, timeout_s)
+    proc = run_du(o.root, timeout_s)
+
+    def check() -> str | None:
+        if proc.returncode:
+            error = proc.stderr.decode(errors="replace").strip()[-200:]
+            return f"du -s exited with {proc.returncode}: {error}"
+        kib, expected = first_number(proc), du_baseline(ds)
+        return None if kib == expected else f"{kib} KiB, {expected} on the image's own mount"
+
+    return check
+
+
 WORKLOADS = {
     w.key: w
     for w in [
         Workload("W1", "copy the big file", BIG_IMAGE, w1_copy_big, lambda ds: ds.big_bytes),
         Workload(
-            "W2", "restore the tree", TREE_IMAGE, w2_restore_tree, lambda ds: ds.tree.total_bytes
+            "W2",
+            "restore the tree (cp -a + sync -f, or backupfs restore: see Contenders)",
+            TREE_IMAGE,
+            w2_restore_tree,
+            lambda ds: ds.tree.total_bytes,
         ),
         Workload(
             "W3",
@@ -121,5 +161,7 @@ WORKLOADS = {
         ),
         Workload("W4", f"grep -rF '{NEEDLE}'", TREE_IMAGE, w4_grep, lambda ds: ds.tree.total_bytes),
         Workload("W5", "ls -lR", TREE_IMAGE, w5_ls, lambda ds: 0),
+        Workload("W6", "find . -type f | wc -l", TREE_IMAGE, w6_find, lambda ds: 0),
+        Workload("W7", "du -s", TREE_IMAGE, w7_du, lambda ds: 0),
     ]
 }
