@@ -1,9 +1,12 @@
 """Sequential-stream detection and a readahead window that grows. Pure logic, no I/O.
 
-A file handle may carry several interleaved sequential streams (parallel readers over
-one loop device), so a handle keeps a few `Stream`s and matches each read to the
-nearest one. The kernel's own readahead delivers reads slightly out of order, so a
-jump within `slack_bytes` of the expected offset still counts as sequential.
+An open image carries several interleaved sequential streams (parallel readers over
+one loop device, or over the loop devices of an attachment's clones, each its own file
+handle), so the image's one tracker, shared by its handles, keeps a few `Stream`s and
+matches each read to the nearest one: a stream read in turn through several handles is
+sequential on the image and on none of the handles. The kernel's own readahead delivers
+reads slightly out of order, so a jump within `slack_bytes` of the expected offset still
+counts as sequential.
 """
 
 from dataclasses import dataclass, field
@@ -14,7 +17,7 @@ class ReadaheadConfig:
     initial_bytes: int = 1 << 20  # first window after two sequential reads
     max_bytes: int = 64 << 20  # the window doubles up to this (mount option readahead=)
     slack_bytes: int = 1 << 20  # out-of-order tolerance before a read counts as a seek
-    max_streams: int = 4  # sequential streams tracked per file handle
+    max_streams: int = 8  # sequential streams tracked per open image
     min_density: float = 0.5  # share of a stream's span actually read, else it is sparse
 
 
@@ -35,7 +38,7 @@ class Stream:
 
 @dataclass
 class StreamTracker:
-    """Decides, for each read on one file handle, which byte range to prefetch."""
+    """Decides, for each read of one open image, which byte range to prefetch."""
 
     config: ReadaheadConfig
     streams: list[Stream] = field(default_factory=list)

@@ -1,5 +1,6 @@
 """The hidden control file MNT/.backupfs/stats and `backupfs stats`."""
 
+import contextlib
 import errno
 import json
 import os
@@ -62,6 +63,22 @@ def test_readahead_window_shows_while_a_file_is_open(store: Store, mnt: Path) ->
         doc = read_stats(mnt)
         assert doc["readahead_windows"] and max(doc["readahead_windows"]) >= 1 << 20
         assert max(doc["readahead_windows"]) <= doc["readahead_max_bytes"]
+
+
+def test_readahead_follows_a_stream_spread_over_handles(store: Store, mnt: Path) -> None:
+    """Three handles read the image's MiBs in turn (as parallel readers of one loop
+    device's clones do): no handle reads sequentially, the image is read sequentially,
+    and that is the stream readahead follows."""
+    with mounted(store.url, mnt), contextlib.ExitStack() as stack:
+        fds = [os.open(mnt / BIG, os.O_RDONLY) for _ in range(3)]
+        for fd in fds:
+            stack.callback(os.close, fd)
+        with open(store.path(BIG), "rb") as f:
+            for n in range(12):
+                assert os.pread(fds[n % 3], 1 << 20, n << 20) == f.read(1 << 20)
+        doc = read_stats(mnt)
+        assert doc["readahead_windows"] and max(doc["readahead_windows"]) >= 1 << 20
+        assert doc["bytes_fetched"] > 13 << 20  # fetched ahead of the readers
 
 
 def test_backupfs_stats_command(store: Store, mnt: Path) -> None:
