@@ -41,7 +41,7 @@ def test_defaults() -> None:
     assert config.initial_bytes == 1 * MiB
     assert config.max_bytes == 64 * MiB
     assert config.slack_bytes == 1 * MiB
-    assert config.max_streams == 4
+    assert config.max_streams == 8
 
 
 def test_first_read_never_prefetches_second_does() -> None:
