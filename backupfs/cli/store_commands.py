@@ -46,7 +46,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
         StoreClient,
         check_base_url,
         enlarge_socket_reads,
-        make_client,
+        make_clients,
     )
     from backupfs.remote.metadata import load_catalogue
     from backupfs.stats import Stats
@@ -62,8 +62,8 @@ def cmd_ls(args: argparse.Namespace) -> int:
     enlarge_socket_reads()
 
     async def fetch() -> Catalogue:
-        async with make_client(config, creds) as client:
-            return await load_catalogue(StoreClient(client, url, config, Stats()))
+        async with make_clients(config, creds) as clients:
+            return await load_catalogue(StoreClient(clients, url, config, Stats()))
 
     catalogue = trio.run(fetch)  # checked: names are UTF-8, times and sizes int64
     rows: list[dict[str, str | int]] = [

@@ -42,7 +42,7 @@ from backupfs.remote.client import (
     ClientConfig,
     StoreClient,
     enlarge_socket_reads,
-    make_client,
+    make_clients,
     redact,
 )
 from backupfs.remote.credentials import Credentials
@@ -104,8 +104,8 @@ async def serve(
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         client_config = ClientConfig.from_options(opts)
         enlarge_socket_reads()
-        async with make_client(client_config, creds) as client, trio.open_nursery() as nursery:
-            store = StoreClient(client, url, client_config, stats)
+        async with make_clients(client_config, creds) as clients, trio.open_nursery() as nursery:
+            store = StoreClient(clients, url, client_config, stats)
             digests = DigestLoader(store, opts.digest_cache_bytes)
             tree = await open_store(store, opts.block_size)
             cache = BlockCache(opts.block_cache_bytes, stats)

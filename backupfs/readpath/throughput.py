@@ -20,7 +20,7 @@ class Throughput:
         self._done.append((start_s, end_s, size_bytes))
         while self._done and self._done[0][1] < end_s - self.window_s:
             self._done.popleft()
-        while len(self._done) > 256:
+        while len(self._done) > 64:
             self._done.popleft()
         self._newest_s = max(self._newest_s, end_s)
         self._rate = self._busy_rate()

@@ -1,13 +1,17 @@
 """HTTP access to a store: metadata GETs and verified ranged GETs, with retries.
 
-One `httpx.AsyncClient` per daemon; a limiter in front of it so that waiting for a
-connection happens here and never inside httpx: FIFO, with demand reads before prefetches
-(limiter.py).
+One `httpx.AsyncClient` per connection, each with a pool of one, and a limiter in front
+of them so that waiting for a connection happens here and never inside httpx: FIFO, with
+demand reads before prefetches (limiter.py). One client of 16 connections would cost more
+CPU than the whole body of a request: httpcore's pool checks every connection it holds
+(`has_expired`, a poll(2) each) whenever a request starts or ends, about 1.5 ms of CPU per
+request here; a pool of one checks one (measured in docs/benchmarks.md, "CPU per byte").
 """
 
+import contextlib
 import logging
 import random
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 from urllib.parse import quote, urlsplit, urlunsplit
@@ -82,28 +86,43 @@ def enlarge_socket_reads() -> None:
         http11.READ_NUM_BYTES = SOCKET_READ_BYTES
 
 
-def make_client(config: ClientConfig, creds: Credentials) -> httpx.AsyncClient:
+@contextlib.asynccontextmanager
+async def make_clients(
+    config: ClientConfig, creds: Credentials
+) -> AsyncIterator[list[httpx.AsyncClient]]:
+    """`config.connections` clients of one connection each, closed on exit."""
     headers = {"Accept-Encoding": "identity", "User-Agent": "backupfs", **creds.headers()}
-    return httpx.AsyncClient(
-        headers=headers,
-        verify=creds.ssl_context,
-        limits=httpx.Limits(
-            max_connections=config.connections, max_keepalive_connections=config.connections
-        ),
-        timeout=httpx.Timeout(config.timeout_s),
-        follow_redirects=False,
-    )
+    async with contextlib.AsyncExitStack() as stack:
+        clients = [
+            await stack.enter_async_context(
+                httpx.AsyncClient(
+                    headers=headers,
+                    verify=creds.ssl_context,
+                    limits=httpx.Limits(max_connections=1, max_keepalive_connections=1),
+                    timeout=httpx.Timeout(config.timeout_s),
+                    follow_redirects=False,
+                )
+            )
+            for _ in range(config.connections)
+        ]
+        yield clients
 
 
 class StoreClient:
     def __init__(
-        self, client: httpx.AsyncClient, base_url: str, config: ClientConfig, stats: Stats
+        self,
+        clients: Sequence[httpx.AsyncClient],
+        base_url: str,
+        config: ClientConfig,
+        stats: Stats,
     ) -> None:
-        self.client = client
         self.base_url = base_url
         self.config = config
         self.stats = stats
-        self.limiter = PriorityLimiter(config.connections)  # demand reads first
+        self.limiter = PriorityLimiter(len(clients))  # demand reads first
+        # The clients not in use; the last one released is taken first: its connection
+        # is the one most likely still open.
+        self._idle = list(clients)
 
     def url(self, path: str) -> str:
         return self.base_url + quote(path)
@@ -143,6 +162,7 @@ class StoreClient:
         before background requests waiting for a connection."""
         timeout_s = self.config.timeout_s
         async with self.limiter.slot(urgent):
+            client = self._idle.pop()  # the limiter holds at most one task per client
             self.stats.requests += 1
             self.stats.requests_in_flight += 1
             start = trio.current_time()
@@ -152,16 +172,20 @@ class StoreClient:
                     def progressed() -> None:
                         idle.deadline = trio.current_time() + timeout_s
 
-                    return await self._get_body(url, headers, limit, sink, on_headers, progressed)
+                    return await self._get_body(
+                        client, url, headers, limit, sink, on_headers, progressed
+                    )
                 raise FetchError(f"no data for {timeout_s:g}s", transient=True)
             except httpx.HTTPError as exc:
                 raise http_error(exc, url) from None
             finally:
+                self._idle.append(client)
                 self.stats.requests_in_flight -= 1
                 self.stats.record_fetch(trio.current_time() - start)
 
     async def _get_body(
         self,
+        client: httpx.AsyncClient,
         url: str,
         headers: dict[str, str],
         limit: int,
@@ -169,7 +193,7 @@ class StoreClient:
         on_headers: Callable[[httpx.Headers], None] | None,
         progressed: Callable[[], None],
     ) -> httpx.Headers:
-        async with self.client.stream("GET", url, headers=headers) as resp:
+        async with client.stream("GET", url, headers=headers) as resp:
             progressed()
             if headers.get("Range"):
                 checks.check_status(resp.status_code, redact(url))

@@ -174,7 +174,7 @@ async def test_a_catalogue_over_the_cap_is_refused_before_it_is_all_read() -> No
     transport = httpx.MockTransport(lambda request: httpx.Response(200, content=body()))
     stats = Stats()
     async with httpx.AsyncClient(transport=transport) as client:
-        store = StoreClient(client, "https://store.invalid/", ClientConfig(1, 10.0, 3), stats)
+        store = StoreClient([client], "https://store.invalid/", ClientConfig(1, 10.0, 3), stats)
         with pytest.raises(StoreError) as info:
             await metadata.load_catalogue(store)
     assert str(info.value) == (
