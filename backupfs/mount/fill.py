@@ -3,19 +3,19 @@ of its file (FUSE_NOTIFY_STORE), so the loop devices and filesystems on it read 
 memory instead of paying a round trip per miss.
 
 First the metadata of its ext2/3/4 filesystems, so browsing is served first: every
-directory block and inode, in parallel rounds through the mount itself (fill_meta.py);
-fill=metadata stops there. Then, with fill=auto, the data: the data pass walks the
-served file in disk order (inside an ext filesystem only the blocks its bitmaps mark in
-use), `FILL_PIECE` at a time, `FILL_WORKERS` pieces at once. A piece whose every block
-is zeros (by the store's digests, or unallocated in a virtual disk's tables) is skipped:
-no fetch, no page. Fetches go at background priority, so a demand read takes the next
-free connection before any fill request, and no new piece starts while demand reads wait
-for a connection or a read plan (restore, warm) is being served: a plan knows better
-what is needed. The bytes are the block reader's, verified like any other; a raw image's
-blocks leave the LRU once the kernel holds them, so the fill never pushes out what
-demand reads cached. The total pushed per mount is bounded (`fill_max=`); the kernel
-evicts those pages like any clean page cache. At most FILLS_AT_ONCE disks fill at a
-time.
+directory block and inode, in parallel rounds through the mount itself (fill_meta.py),
+at background priority like everything the fill fetches; fill=metadata stops there.
+Then, with fill=auto, the data: the data pass walks the served file in disk order
+(inside an ext filesystem only the blocks its bitmaps mark in use), `FILL_PIECE` at a
+time, `FILL_WORKERS` pieces at once. A piece whose every block is zeros (by the store's
+digests, or unallocated in a virtual disk's tables) is skipped: no fetch, no page.
+Fetches go at background priority, so a demand read takes the next free connection
+before any fill request, and no new piece starts while demand reads wait for a
+connection or a read plan (restore, warm) is being served: a plan knows better what is
+needed. The bytes are the block reader's, verified like any other; a raw image's blocks
+leave the LRU once the kernel holds them, so the fill never pushes out what demand
+reads cached. The total pushed per mount is bounded (`fill_max=`); the kernel evicts
+those pages like any clean page cache. At most FILLS_AT_ONCE disks fill at a time.
 """
 
 import errno
@@ -94,9 +94,10 @@ class Filler:
                 workers.start_soon(self._worker, inode, served, pieces)
 
     async def _walk(self, path: str, starts: list[int]) -> None:
-        """The metadata walk, through the mount (its reads are demand reads). It stops for
-        good at its next round once a read plan is served: a restore walks what it needs
-        itself, and does not wait behind a walk of everything."""
+        """The metadata walk, through the mount from the daemon's own threads, so its
+        misses are fetched at background priority (fuse_ops: `background_reads`). It stops
+        for good at its next round once a read plan is served: a restore walks what it
+        needs itself, and does not wait behind a walk of everything."""
         read = await trio.to_thread.run_sync(walk_metadata, path, starts, self.planning,
                                              abandon_on_cancel=True)  # fmt: skip
         self.stats.fill_metadata_bytes += read

@@ -22,6 +22,7 @@ from backupfs.mount import control
 from backupfs.mount.fill import Filler
 from backupfs.mount.tree import Tree
 from backupfs.mount.view import Attributes, ControlFile, ImageFile, MountView, ViewError
+from backupfs.readpath.blocks import background_reads
 from backupfs.readpath.readahead import ReadaheadConfig, StreamTracker
 from backupfs.readpath.vdisk import DiskReader
 from backupfs.remote.metadata import DigestLoader
@@ -191,7 +192,9 @@ class BackupFsOps(pyfuse3.Operations):
         opened, tracker, inode = handle
         if self.filler is not None:
             self.filler.on_read(inode, opened.image)
-        return await self.disks.read(opened.image, off, size, tracker)
+        # Only the daemon's own handles have no tracker: their reads wait for nobody.
+        with background_reads(tracker is None):
+            return await self.disks.read(opened.image, off, size, tracker)
 
     @_replies
     async def release(self, fh: int) -> None:

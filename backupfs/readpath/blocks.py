@@ -8,7 +8,10 @@ outcome. The state, who moves a block between states, and what to check before a
 `await` here are written down in docs/readpath.md.
 """
 
+import contextlib
 import logging
+from collections.abc import Iterator
+from contextvars import ContextVar
 from dataclasses import dataclass
 
 import trio
@@ -30,6 +33,20 @@ log = logging.getLogger(__name__)
 # will need only a minute from now, or never if it stops.
 READAHEAD_AHEAD_S = 1.0
 FAILED_MAX_BLOCKS = 1 << 16  # failed block keys remembered at most
+# Reads made in this context fetch what they miss at background priority: nobody waits
+# for them but the daemon itself (the background fill's metadata walk, which reads
+# through the mount from the daemon's own threads).
+_BACKGROUND: ContextVar[bool] = ContextVar("background_reads", default=False)
+
+
+@contextlib.contextmanager
+def background_reads(background: bool = True) -> Iterator[None]:
+    """Within: reads fetch at background priority (demand reads take connections first)."""
+    token = _BACKGROUND.set(background)
+    try:
+        yield
+    finally:
+        _BACKGROUND.reset(token)
 
 
 @dataclass(frozen=True)
@@ -100,7 +117,7 @@ class BlockReader:
             return b""
         cached = [self.cache.get((image.image_id, n)) for n in needed]
         missing = [n for n, b in zip(needed, cached, strict=True) if b is None]
-        self._start_fetches(image, missing, urgent=True)
+        self._start_fetches(image, missing, urgent=not _BACKGROUND.get())
         if tracker is not None:
             self._read_ahead(image, offset, size, needed, tracker)  # queued after the demand
         with trio.move_on_after(self.config.read_deadline_s):
@@ -227,7 +244,7 @@ class BlockReader:
             failed = self._failed_recently(key, trio.current_time())
             if failed is not None:
                 raise failed
-            self._start_fetches(image, [block_no], urgent=True)
+            self._start_fetches(image, [block_no], urgent=not _BACKGROUND.get())
             pending = self._pending[key]
         await pending.done.wait()
         if pending.error is not None:

@@ -431,3 +431,19 @@ async def test_demand_fetches_are_urgent_readahead_is_not(nursery: trio.Nursery)
     urgent = {start for _, start, _ in store.calls if start in store.urgent_starts}
     assert 0 in urgent  # the first read's own block
     assert any(start not in store.urgent_starts for _, start, _ in store.calls)  # readahead
+
+
+async def test_background_reads_fetch_at_background_priority(nursery: trio.Nursery) -> None:
+    """The fill's metadata walk reads through the mount; nobody waits for its misses, so
+    every demand read takes a connection before them."""
+    from backupfs.readpath.blocks import background_reads
+
+    data = os.urandom(16 * BS)
+    store = FakeStore({1: data})
+    reader = make_reader(store, nursery, request_size=BS)
+    image = make_image(data)
+    with background_reads():
+        assert await reader.read(image, 0, 2 * BS) == data[: 2 * BS]
+    assert await reader.read(image, 8 * BS, BS) == data[8 * BS : 9 * BS]
+    assert {start for _, start, _ in store.calls} == {0, BS, 8 * BS}
+    assert store.urgent_starts == {8 * BS}
