@@ -48,8 +48,9 @@ def curl_mbps(url: str) -> float:
     return int(out[0]) / float(out[1]) / 1e6
 
 
-def mount_mbps(url: str, mnt: Path, options: list[str]) -> tuple[float, float, float]:
-    """MB/s of dd through a fresh mount, the daemon's peak RSS (MiB) and CPU share."""
+def mount_mbps(url: str, mnt: Path, options: list[str]) -> tuple[float, float, float, float]:
+    """MB/s of dd through a fresh mount, the daemon's peak RSS (MiB), its CPU share and
+    its CPU seconds per GB read."""
     with mounted(url, mnt, *options) as proc:
         cpu_before = cpu_seconds(proc.pid)
         start = time.perf_counter()
@@ -60,9 +61,9 @@ def mount_mbps(url: str, mnt: Path, options: list[str]) -> tuple[float, float, f
             timeout=900,
         )
         elapsed = time.perf_counter() - start
-        cpu = (cpu_seconds(proc.pid) - cpu_before) / elapsed
+        cpu_s = cpu_seconds(proc.pid) - cpu_before
         size = (mnt / IMAGE).stat().st_size
-        return size / elapsed / 1e6, peak_rss_mib(proc.pid), cpu
+        return size / elapsed / 1e6, peak_rss_mib(proc.pid), cpu_s / elapsed, cpu_s / (size / 1e9)
 
 
 def main() -> None:
@@ -85,14 +86,15 @@ def main() -> None:
         mnt = Path(tmp) / "mnt"
         mnt.mkdir()
         for link in args.links.split(","):
-            curl, mount, rss, cpu = [], [], [], []
+            curl, mount, rss, cpu, per_gb = [], [], [], [], []
             for _ in range(args.runs):
                 with link_url(nginx, link) as url:
                     curl.append(curl_mbps(url + IMAGE))
-                    mbps, peak, busy = mount_mbps(url, mnt, options)
+                    mbps, peak, busy, secs_gb = mount_mbps(url, mnt, options)
                 mount.append(mbps)
                 rss.append(peak)
                 cpu.append(busy)
+                per_gb.append(secs_gb)
             rows.append(
                 (
                     link,
@@ -100,19 +102,21 @@ def main() -> None:
                     statistics.median(mount),
                     max(rss),
                     statistics.median(cpu),
+                    statistics.median(per_gb),
                 )
             )
 
     print(f"\n1 GiB image, dd bs=1M through the mount vs curl; median of {args.runs} cold runs")
     print(f"store block size {args.block_size}; mount options: {','.join(options) or '(defaults)'}")
     print("link: direct = nginx on loopback; RTT_MS[@MBIT] = delaying proxy (RTT, link cap)")
-    print("RSS: the daemon's peak; CPU: daemon CPU time / wall time during dd (2 cores here)")
+    print("RSS: the daemon's peak; CPU: daemon CPU time / wall time during dd (2 cores here);")
+    print("CPU s/GB: the daemon's CPU seconds per GB (1e9 bytes) read")
     print(
         f"{'link':<10} {'curl MB/s':>10} {'mount MB/s':>11} {'mount/curl':>11} "
-        f"{'RSS MiB':>8} {'CPU':>5}"
+        f"{'RSS MiB':>8} {'CPU':>5} {'CPU s/GB':>9}"
     )
-    for name, c, m, r, u in rows:
-        print(f"{name:<10} {c:>10.0f} {m:>11.0f} {m / c:>10.0%} {r:>8.0f} {u:>5.0%}")
+    for name, c, m, r, u, g in rows:
+        print(f"{name:<10} {c:>10.0f} {m:>11.0f} {m / c:>10.0%} {r:>8.0f} {u:>5.0%} {g:>9.2f}")
 
 
 if __name__ == "__main__":
