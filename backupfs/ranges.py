@@ -1,5 +1,6 @@
 """Block arithmetic on half-open byte ranges `[start, end)`. Pure functions, no I/O."""
 
+import bisect
 from collections.abc import Iterable, Iterator
 
 
@@ -47,3 +48,31 @@ def slice_blocks(
     joined = blocks[0] if len(blocks) == 1 else b"".join(blocks)
     start = offset - first_block * block_size
     return joined[start : start + size]
+
+
+class Covered:
+    """A set of byte ranges, merged: what has been added, and whether a range is all in."""
+
+    def __init__(self) -> None:
+        self._starts: list[int] = []  # sorted, disjoint, not touching
+        self._ends: list[int] = []
+
+    def add(self, start: int, end: int) -> None:
+        if start >= end:
+            return
+        lo = bisect.bisect_left(self._ends, start)  # the first range ending at or after
+        hi = bisect.bisect_right(self._starts, end)  # past the last starting at or before
+        if lo < hi:
+            start, end = min(start, self._starts[lo]), max(end, self._ends[hi - 1])
+        self._starts[lo:hi] = [start]
+        self._ends[lo:hi] = [end]
+
+    def covers(self, start: int, end: int) -> bool:
+        """Whether every byte of `[start, end)` was added (an empty range: yes)."""
+        if start >= end:
+            return True
+        i = bisect.bisect_right(self._starts, start) - 1
+        return i >= 0 and self._ends[i] >= end
+
+    def __len__(self) -> int:
+        return len(self._starts)

@@ -147,6 +147,7 @@ async def serve(
                     path_of=lambda inode: _served_path(tree, mountpoint, inode),
                     data=opts.fill == "auto",
                 )
+                plans.filled = filler.filled
             ops = BackupFsOps(
                 tree, disks, digests, readahead, opts.allow_other, stats_sources, filler
             )

@@ -26,7 +26,7 @@ import trio
 
 from backupfs.errors import FetchError, FormatError
 from backupfs.mount.fill_meta import Layout, layout, walk_metadata
-from backupfs.ranges import block_range
+from backupfs.ranges import Covered, block_range
 from backupfs.readpath.vdisk import DiskReader
 from backupfs.stats import Stats
 from backupfs.store.image import Image, Served
@@ -61,6 +61,9 @@ class Filler:
         self.path_of = path_of  # of a file of the mount, for the metadata walk
         self.data = data  # fill=auto; False: fill=metadata
         self._started: set[int] = set()  # inodes
+        # What the fill pushed into the page cache, per served disk (by identity: the
+        # tree's objects live as long as the mount), so a read plan does not fetch it again.
+        self._pushed: dict[int, Covered] = {}
         self._turns = trio.CapacityLimiter(FILLS_AT_ONCE)  # `file *.img` opens many disks
 
     def on_read(self, inode: int, served: Served) -> None:
@@ -69,6 +72,13 @@ class Filler:
             return
         self._started.add(inode)
         self.nursery.start_soon(self._fill, inode, served)
+
+    def filled(self, served: Served, start: int, end: int) -> bool:
+        """Whether the fill pushed all of `[start, end)` of `served` into the kernel's page
+        cache. The kernel may have evicted some since (memory pressure): a read of those
+        pages is then a miss like any other, fetched on demand."""
+        pushed = self._pushed.get(id(served))
+        return pushed is not None and pushed.covers(start, end)
 
     async def _fill(self, inode: int, served: Served) -> None:
         async with self._turns:
@@ -125,6 +135,7 @@ class Filler:
                 if exc.errno not in (errno.ENOENT, errno.ENOSYS):
                     log.warning("fill of inode %d stopped: %s", inode, exc)
                 return
+            self._pushed.setdefault(id(served), Covered()).add(start, start + len(data))
             self.left_bytes -= len(data)
             self.stats.fill_bytes += len(data)
             self._release(served, start, end)

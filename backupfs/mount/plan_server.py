@@ -17,6 +17,7 @@ import logging
 import os
 import socket
 from array import array
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import trio
@@ -161,6 +162,9 @@ class PlanServer:
         self.limits = limits or PlanLimits()
         self.sessions = 0  # connections being served now
         self.plans = 0  # of which restore or warm plans (not volume requests)
+        # Whether the background fill put a range in the kernel's page cache (set by the
+        # daemon when the fill is on): a restore plan does not fetch those bytes again.
+        self.filled: Callable[[Served, int, int], bool] = lambda served, start, end: False
 
     async def serve(
         self, mountpoint: str, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
@@ -340,7 +344,8 @@ class PlanServer:
                     break
                 start, end = piece
                 planned += end - start
-                await self.disks.plan(image, start, end, cursor, planned)
+                if not self.filled(image, start, end):  # else the kernel has it
+                    await self.disks.plan(image, start, end, cursor, planned)
             with trio.move_on_after(_POLL_S):  # new ranges arrive without an event
                 await cursor.moved.wait()
 

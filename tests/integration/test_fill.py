@@ -5,6 +5,7 @@ never asked for, the filled bytes are in the kernel's page cache (reading them a
 fetches nothing), a demand read through a slow link completes while the fill still runs,
 and fill=off fetches only what is read."""
 
+import hashlib
 import mmap
 import os
 import re
@@ -16,9 +17,10 @@ from typing import Any
 import pytest
 
 from backupfs.store.indexer import index_store
+from tests.support.attachment import attach_env, attached
 from tests.support.fsimages import run_tool, sparse_copy
 from tests.support.kernel import needs_filesystems
-from tests.support.mounting import mounted, read_stats
+from tests.support.mounting import mounted, read_stats, run_cli
 from tests.support.nginx import Nginx
 from tests.support.proxy import DelayProxy, FaultProxy
 from tests.support.trees import make_tree
@@ -160,3 +162,28 @@ def _direct_read(fd: int, offset: int) -> bytes:
     buf = mmap.mmap(-1, 4096)  # page-aligned, as O_DIRECT needs
     os.preadv(fd, [buf], offset)
     return bytes(buf)
+
+
+def test_a_restore_after_the_fill_fetches_nothing_again(
+    store: tuple[Path, dict[str, list[int]], Nginx], tmp_path: Path
+) -> None:
+    """What the fill pushed is in the kernel's page cache: a restore's read plan does not
+    fetch it a second time (the restore's reads are page cache hits)."""
+    root, _, nginx = store
+    mnt, target, dest = tmp_path / "mnt", tmp_path / "att", tmp_path / "dest"
+    mnt.mkdir()
+    env = attach_env(tmp_path / "run")
+    with mounted(nginx.url, mnt, "fill=auto"):
+        with open(mnt / REL, "rb") as f:
+            f.read(4096)
+        fetched = _wait_done(mnt)["bytes_fetched"]
+        with attached(mnt / REL, target, env, "--clones", "1"):
+            result = run_cli("restore", str(target / "p1" / "keep.bin"), str(dest), env=env)
+            assert result.returncode == 0, result.stderr
+            stats = read_stats(mnt)
+    source = tmp_path / "work" / "tree" / "keep.bin"
+    assert (
+        hashlib.sha256((dest / "keep.bin").read_bytes()).digest()
+        == hashlib.sha256(source.read_bytes()).digest()
+    )
+    assert stats["plan_bytes"] == 0 and stats["bytes_fetched"] - fetched < 256 << 10, stats

@@ -118,3 +118,25 @@ def test_overlap_examples() -> None:
     assert overlap(500, 2500, 1000, 2000) == 1000
     assert overlap(0, 10, 10, 20) == 0  # touching half-open ranges share nothing
     assert overlap(0, 10, 30, 40) == 0
+
+
+def test_covered_merges_and_answers_whole_ranges_only() -> None:
+    import random
+
+    from backupfs.ranges import Covered
+
+    covered = Covered()
+    covered.add(10, 20)
+    covered.add(30, 40)
+    assert covered.covers(12, 20) and not covered.covers(15, 25) and not covered.covers(0, 5)
+    covered.add(20, 30)  # touching both: one range
+    assert len(covered) == 1 and covered.covers(10, 40) and not covered.covers(9, 40)
+    rng, model, other = random.Random(5), set(), Covered()
+    for _ in range(300):
+        lo = rng.randrange(0, 1000)
+        hi = lo + rng.randrange(0, 60)
+        other.add(lo, hi)
+        model.update(range(lo, hi))
+        a = rng.randrange(0, 1000)
+        b = a + rng.randrange(1, 40)
+        assert other.covers(a, b) == all(x in model for x in range(a, b))
