@@ -100,15 +100,14 @@ def scan_paths(root: Path) -> dict[str, tuple[str, str]]:
     return dict(sorted(out.items()))
 
 
+def _run_in(root: Path, argv: list[str], timeout_s: float) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run(argv, cwd=root, capture_output=True, timeout=timeout_s,
+                          env={**os.environ, "LC_ALL": "C"})  # fmt: skip
+
+
 def run_grep(root: Path, timeout_s: float) -> subprocess.CompletedProcess[bytes]:
     """W4, on the source tree and on each contender's: `grep -rF NEEDLE .` in `root`."""
-    return subprocess.run(
-        ["grep", "-rF", NEEDLE, "."],
-        cwd=root,
-        capture_output=True,
-        timeout=timeout_s,
-        env={**os.environ, "LC_ALL": "C"},
-    )
+    return _run_in(root, ["grep", "-rF", NEEDLE, "."], timeout_s)
 
 
 def grep_lines(proc: subprocess.CompletedProcess[bytes]) -> list[str]:
@@ -117,13 +116,7 @@ def grep_lines(proc: subprocess.CompletedProcess[bytes]) -> list[str]:
 
 def run_ls(root: Path, timeout_s: float) -> subprocess.CompletedProcess[bytes]:
     """W5, on the source tree and on each contender's: `ls -lR .` in `root`."""
-    return subprocess.run(
-        ["ls", "-lR", "."],
-        cwd=root,
-        capture_output=True,
-        timeout=timeout_s,
-        env={**os.environ, "LC_ALL": "C"},
-    )
+    return _run_in(root, ["ls", "-lR", "."], timeout_s)
 
 
 def ls_line_count(proc: subprocess.CompletedProcess[bytes]) -> int:
@@ -140,25 +133,13 @@ def ls_line_count(proc: subprocess.CompletedProcess[bytes]) -> int:
 def run_find(root: Path, timeout_s: float) -> subprocess.CompletedProcess[bytes]:
     """W6, on each contender's tree: `find . -type f | wc -l` in `root` (bash with pipefail:
     an error of find fails the pipeline)."""
-    return subprocess.run(
-        ["bash", "-o", "pipefail", "-c", "find . -type f | wc -l"],
-        cwd=root,
-        capture_output=True,
-        timeout=timeout_s,
-        env={**os.environ, "LC_ALL": "C"},
-    )
+    return _run_in(root, ["bash", "-o", "pipefail", "-c", "find . -type f | wc -l"], timeout_s)
 
 
 def run_du(root: Path, timeout_s: float) -> subprocess.CompletedProcess[bytes]:
     """W7, on each contender's tree and once on the image's own (du_baseline): `du -s .` in
     `root`, KiB allocated (st_blocks), each hard-linked inode once."""
-    return subprocess.run(
-        ["du", "-s", "."],
-        cwd=root,
-        capture_output=True,
-        timeout=timeout_s,
-        env={**os.environ, "LC_ALL": "C"},
-    )
+    return _run_in(root, ["du", "-s", "."], timeout_s)
 
 
 def first_number(proc: subprocess.CompletedProcess[bytes]) -> int | None:

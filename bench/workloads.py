@@ -99,46 +99,50 @@ def w4_grep(c: Contender, o: Opened, dest: Path, ds: Dataset, timeout_s: float) 
     return check
 
 
-def w5_ls(c: Contender, o: Opened, dest: Path, ds: Dataset, timeout_s: float) -> Check:
+def _metadata_scan(
+    c: Contender,
+    o: Opened,
+    timeout_s: float,
+    run: Callable[[Path, float], subprocess.CompletedProcess[bytes]],
+    name: str,
+    judge: Callable[[subprocess.CompletedProcess[bytes]], str | None],
+) -> Check:
+    """W5-W7: the contender's warm-up for metadata, the command, and a check that it
+    exited 0 and that `judge` finds its output right."""
     run_cmds(c.before_scan(o.root, metadata_only=True), o.env, timeout_s)
-    proc = run_ls(o.root, timeout_s)
+    proc = run(o.root, timeout_s)
 
     def check() -> str | None:
         if proc.returncode:
             error = proc.stderr.decode(errors="replace").strip()[-200:]
-            return f"ls exited with {proc.returncode}: {error}"
+            return f"{name} exited with {proc.returncode}: {error}"
+        return judge(proc)
+
+    return check
+
+
+def w5_ls(c: Contender, o: Opened, dest: Path, ds: Dataset, timeout_s: float) -> Check:
+    def judge(proc: subprocess.CompletedProcess[bytes]) -> str | None:
         count = ls_line_count(proc)
         return None if count == ds.ls_lines else f"{count} lines, {ds.ls_lines} on the source"
 
-    return check
+    return _metadata_scan(c, o, timeout_s, run_ls, "ls", judge)
 
 
 def w6_find(c: Contender, o: Opened, dest: Path, ds: Dataset, timeout_s: float) -> Check:
-    run_cmds(c.before_scan(o.root, metadata_only=True), o.env, timeout_s)
-    proc = run_find(o.root, timeout_s)
-
-    def check() -> str | None:
-        if proc.returncode:
-            error = proc.stderr.decode(errors="replace").strip()[-200:]
-            return f"find | wc -l exited with {proc.returncode}: {error}"
+    def judge(proc: subprocess.CompletedProcess[bytes]) -> str | None:
         count, expected = first_number(proc), len(ds.tree.files)
         return None if count == expected else f"{count} files, {expected} in the source"
 
-    return check
+    return _metadata_scan(c, o, timeout_s, run_find, "find | wc -l", judge)
 
 
 def w7_du(c: Contender, o: Opened, dest: Path, ds: Dataset, timeout_s: float) -> Check:
-    run_cmds(c.before_scan(o.root, metadata_only=True), o.env, timeout_s)
-    proc = run_du(o.root, timeout_s)
-
-    def check() -> str | None:
-        if proc.returncode:
-            error = proc.stderr.decode(errors="replace").strip()[-200:]
-            return f"du -s exited with {proc.returncode}: {error}"
+    def judge(proc: subprocess.CompletedProcess[bytes]) -> str | None:
         kib, expected = first_number(proc), du_baseline(ds)
         return None if kib == expected else f"{kib} KiB, {expected} on the image's own mount"
 
-    return check
+    return _metadata_scan(c, o, timeout_s, run_du, "du -s", judge)
 
 
 WORKLOADS = {
