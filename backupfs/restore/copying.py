@@ -18,21 +18,22 @@ import errno
 import hashlib
 import os
 import stat
-import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 
 TMP_PREFIX = ".backupfs-tmp."
-CHUNK_BYTES = 8 << 20
 CAPABILITY = "security.capability"
 SETID = stat.S_ISUID | stat.S_ISGID
 SRC_FLAGS = os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK
 TMP_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 Xattrs = list[tuple[str, bytes]]
+# Copies a large file's data from the source's descriptor into its temporary file's.
+Fill = Callable[[int, int], None]
 
 
 class Stopped(Exception):
     """The restore was interrupted: a streamed copy gives up between two chunks (its
-    temporary file is removed, as on any failure)."""
+    temporary file is removed, as on any failure; fastcopy.py, pieces.py)."""
 
 
 @dataclass(frozen=True)
@@ -108,32 +109,6 @@ def is_complete(have: os.stat_result, st: os.stat_result) -> bool:
     return stat.S_ISREG(have.st_mode) and same
 
 
-def _copy_data(
-    src_fd: int, dst_fd: int, size: int, sparse: bool, stop: threading.Event | None
-) -> None:
-    pos = 0
-    while pos < size:
-        if sparse:
-            try:
-                pos = os.lseek(src_fd, pos, os.SEEK_DATA)
-            except OSError as exc:
-                if exc.errno == errno.ENXIO:  # only a hole is left
-                    break
-                raise
-            end = os.lseek(src_fd, pos, os.SEEK_HOLE)
-        else:
-            end = size
-        while pos < end:
-            if stop is not None and stop.is_set():
-                raise Stopped()
-            chunk = os.pread(src_fd, min(CHUNK_BYTES, end - pos), pos)
-            if not chunk:
-                raise OSError(errno.EIO, "source file shrank while being read")
-            os.pwrite(dst_fd, chunk, pos)
-            pos += len(chunk)
-    os.ftruncate(dst_fd, size)
-
-
 def _create(dir_fd: int, tmp: str) -> int:
     """A new, empty file of our own under `tmp`: whatever has that name (a stale
     temporary, or anything planted there) is unlinked, never opened."""
@@ -147,24 +122,25 @@ def _create(dir_fd: int, tmp: str) -> int:
 def write_file(
     dir_fd: int,
     name: str,
-    data: tuple[bytes, Xattrs] | None,
+    data: tuple[bytes, Xattrs] | Fill,
     src: str,
     st: os.stat_result,
     policy: Policy,
-    stop: threading.Event | None = None,
 ) -> Xattrs:
     """Write `name` in the directory `dir_fd` under a temporary name and rename it into
-    place. With data None, copy from src (streaming, holes kept, giving up with Stopped
-    once `stop` is set); otherwise `data` is the whole content and xattrs, already read.
+    place. `data` is the whole content and xattrs, already read, or a Fill: it is given
+    the source opened here and the temporary file, copies the data (holes kept, pieces
+    spread over readers: pieces.py), and may raise Stopped. Data first, then the size (a
+    trailing hole), then the metadata; on any failure the temporary file is removed.
     Returns the source's xattrs."""
     tmp = tmp_name(name)
     fd = _create(dir_fd, tmp)
     try:
-        if data is None:
+        if callable(data):
             src_fd = os.open(src, SRC_FLAGS)
             try:
-                sparse = st.st_blocks * 512 < st.st_size
-                _copy_data(src_fd, fd, st.st_size, sparse, stop)
+                data(src_fd, fd)
+                os.ftruncate(fd, st.st_size)
                 xattrs = read_xattrs(src_fd)
             finally:
                 os.close(src_fd)

@@ -4,9 +4,11 @@ per target filesystem.
 
 Readers take batches of files (ordered by inode, roughly the on-disk order) from a work
 queue; each reads through its own clone. Small files are read whole and handed to the
-writers in batches through a queue bounded in size; a large file is streamed by its
-reader straight into its temporary file, one chunk at a time. So memory stays bounded:
-the write queue, plus one chunk or batch per reader.
+writers in batches through a queue bounded in size; a larger file is copied by its reader
+straight into its temporary file, in the kernel where it can be (fastcopy.py), and a
+file above pieces.SPLIT_BYTES is cut into pieces that idle readers copy too, each through
+its own clone (pieces.py). So memory stays bounded: the write queue, plus one batch, pipe
+or buffer per reader.
 
 Every write goes through DEST's directory descriptors (desttree.py): a directory that is
 a symlink, or cannot be made, is reported once and nothing under it is written.
@@ -21,7 +23,7 @@ import threading
 from collections.abc import Callable
 
 from backupfs.plan import readplan
-from backupfs.restore import copying
+from backupfs.restore import copying, pieces
 from backupfs.restore.desttree import DestError, DestTree, Skipped, join
 from backupfs.restore.durability import Target
 from backupfs.restore.outcome import Outcome, RestoreOptions
@@ -75,6 +77,7 @@ class Pipeline:
         # the file in hand (a streamed one gives up between chunks) and return.
         self.stop = threading.Event()
         self.work: queue.SimpleQueue[list[Entry]] = queue.SimpleQueue()
+        self.board = pieces.Board(self.work, self.stop)  # batches, and pieces of large files
         self.written: queue.Queue[list[tuple[Entry, str, ReadFile]] | None] = queue.Queue(
             WRITE_QUEUE_BATCHES
         )
@@ -110,10 +113,10 @@ class Pipeline:
         if setid or caps or device:
             self.out.privileged(setid, caps, device, kept=not self.opts.no_special)
 
-    def _write(self, rel: str, data: ReadFile | None, src: str, st: os.stat_result) -> None:
+    def _write(self, rel: str, data: ReadFile | copying.Fill, src: str, st: os.stat_result) -> None:
         parent, name = os.path.split(rel)
         with self.tree.dir(parent) as dir_fd:
-            xattrs = copying.write_file(dir_fd, name, data, src, st, self.policy, self.stop)
+            xattrs = copying.write_file(dir_fd, name, data, src, st, self.policy)
         self.out.done(st.st_size)
         self._privileged(st, xattrs)
         self._record(rel)
@@ -123,25 +126,41 @@ class Pipeline:
             self._read_batches(self.plan.roots[index % len(self.plan.roots)])
 
     def _read_batches(self, root: str) -> None:
-        while not self.stop.is_set():
+        while (got := self.board.next(root)) is not None:
+            if isinstance(got, pieces.SplitCopy):
+                self.board.help(got, root)
+                continue
             try:
-                batch = self.work.get_nowait()
-            except queue.Empty:
+                self._read_batch(got, root)
+            finally:
+                self.board.release(got)
+
+    def _read_batch(self, batch: list[Entry], root: str) -> None:
+        ready: list[tuple[Entry, str, ReadFile]] = []
+        for entry in batch:
+            if self.stop.is_set():
                 return
-            ready: list[tuple[Entry, str, ReadFile]] = []
-            for entry in batch:
-                if self.stop.is_set():
-                    return
-                src = os.path.join(root, entry.rel)
-                if entry.st.st_size > SMALL_FILE_BYTES:  # streamed by this thread
-                    self._guard(self.at(entry), self._write, self.at(entry), None, src, entry.st)
-                    continue
-                try:
-                    ready.append((entry, src, copying.read_small(src, entry.st)))
-                except OSError as exc:
-                    self.out.fail(self.at(entry), exc)
-            if ready:
-                self._hand_over(ready)
+            src = os.path.join(root, entry.rel)
+            if entry.st.st_size > SMALL_FILE_BYTES:  # copied by this thread (and helpers)
+                self._guard(self.at(entry), self._write, self.at(entry),
+                            self._fill(entry, root), src, entry.st)  # fmt: skip
+                continue
+            try:
+                ready.append((entry, src, copying.read_small(src, entry.st)))
+            except OSError as exc:
+                self.out.fail(self.at(entry), exc)
+        if ready:
+            self._hand_over(ready)
+
+    def _fill(self, entry: Entry, root: str) -> copying.Fill:
+        """How a large file's data is copied once write_file opened both ends: by this
+        reader, and when it splits, by readers on other roots too (pieces.py)."""
+
+        def fill(src_fd: int, dst_fd: int) -> None:
+            job = pieces.SplitCopy(entry.rel, src_fd, dst_fd, entry.st)
+            self.board.run(job, src_fd, root)
+
+        return fill
 
     def _hand_over(self, ready: list[tuple[Entry, str, ReadFile]] | None) -> None:
         """Queue a batch for the writers, giving up when the restore stops."""
@@ -232,9 +251,11 @@ class Pipeline:
         readers = self.opts.jobs or max(4, len(self.plan.roots))
         writer_threads = [threading.Thread(target=self.writer) for _ in range(self.opts.writers)]
         reader_threads = [threading.Thread(target=self.reader, args=(i,)) for i in range(readers)]
-        for t in writer_threads + reader_threads:
-            t.start()
+        started: list[threading.Thread] = []
         try:
+            for t in writer_threads + reader_threads:  # a Ctrl-C may come while they start
+                t.start()
+                started.append(t)
             for t in reader_threads:
                 t.join()
             for _ in writer_threads:
@@ -243,7 +264,7 @@ class Pipeline:
             self.stop.set()
             raise
         finally:
-            for t in writer_threads + reader_threads:
+            for t in started:  # so each has removed its temporary file before we return
                 t.join()
 
     def make_dirs(self) -> None:
