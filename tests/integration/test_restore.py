@@ -14,7 +14,7 @@ import pytest
 
 from backupfs.errors import EXIT_PARTIAL
 from backupfs.store.indexer import index_store
-from tests.support.attachment import attached, served_store
+from tests.support.attachment import attached, sectors_read, served_store
 from tests.support.mounting import BACKUPFS, run_cli, sha256_file
 from tests.support.system import unmount
 
@@ -99,17 +99,6 @@ def _restore(*args: str, env: dict[str, str] | None = None) -> subprocess.Comple
     return run_cli("restore", *args, env=env or {**os.environ})
 
 
-def _sectors_read(env: dict[str, str]) -> dict[str, int]:
-    """Sectors read so far from each loop device of the attachment."""
-    [att] = json.loads(run_cli("status", "--json", env=env).stdout)
-    return {
-        loop["device"]: int(
-            Path(f"/sys/block/{Path(loop['device']).name}/stat").read_text().split()[2]
-        )
-        for loop in att["loops"]
-    }
-
-
 def test_metadata_round_trip(
     attached_tree: tuple[Path, dict], tmp_path: Path, run_env: dict[str, str]
 ) -> None:
@@ -117,10 +106,10 @@ def test_metadata_round_trip(
     dest = tmp_path / "restored"
     subprocess.run(["sync"], check=True)
     Path("/proc/sys/vm/drop_caches").write_text("3")  # so the copy reads the loop devices
-    sectors_before = _sectors_read(run_env)
+    sectors_before = sectors_read(run_env)
     result = _restore(str(source), str(dest), env=run_env)
     assert result.returncode == 0, result.stderr
-    sectors_after = _sectors_read(run_env)
+    sectors_after = sectors_read(run_env)
     assert len(sectors_after) == 2
     assert all(sectors_after[d] > sectors_before[d] for d in sectors_after), "a clone sat idle"
     assert result.stdout.splitlines()[-1].startswith(f"flushed {tmp_path}")

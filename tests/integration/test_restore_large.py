@@ -10,7 +10,6 @@ cut into 1 MiB pieces; restores run in this process so the constants apply.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import signal
 import stat
@@ -26,9 +25,9 @@ from backupfs.cli.parser import build_parser
 from backupfs.errors import EXIT_OK, EXIT_PARTIAL
 from backupfs.restore import fastcopy, pieces
 from backupfs.store.indexer import index_store
-from tests.support.attachment import attached, served_store
+from tests.support.attachment import attached, sectors_read, served_store
 from tests.support.kernel import needs_filesystems
-from tests.support.mounting import run_cli, sha256_file
+from tests.support.mounting import sha256_file
 from tests.support.system import unmount
 
 MiB = 1 << 20
@@ -326,17 +325,6 @@ def bad_backup(
     yield from _attached_backup(tmp_path, run_env, bad=True)
 
 
-def _sectors_read(env: dict[str, str]) -> dict[str, int]:
-    """Sectors read so far from each loop device of the attachment."""
-    [att] = json.loads(run_cli("status", "--json", env=env).stdout)
-    return {
-        loop["device"]: int(
-            Path(f"/sys/block/{Path(loop['device']).name}/stat").read_text().split()[2]
-        )
-        for loop in att["loops"]
-    }
-
-
 @needs_filesystems("ext4")
 def test_the_pieces_of_a_file_are_read_through_every_clone(
     tmp_path: Path, backup: Backup, copies: Copies, capsys: pytest.CaptureFixture[str]
@@ -344,10 +332,10 @@ def test_the_pieces_of_a_file_are_read_through_every_clone(
     """One file, one root per clone, one reader per root on it (WORKERS_PER_ROOT): both
     loop devices read a good part of it (by read/write: the copy is on another
     filesystem than the attachment, copy_file_range says EXDEV)."""
-    before = _sectors_read(backup.env)
+    before = sectors_read(backup.env)
     rc, _, err = _restore(capsys, str(backup.root / "good.bin"), str(tmp_path / "dest"))
     assert rc == EXIT_OK, err
-    after = _sectors_read(backup.env)
+    after = sectors_read(backup.env)
     assert sha256_file(tmp_path / "dest/good.bin") == backup.sums["good.bin"]
     assert len(after) == 2
     assert all(after[d] - before[d] >= 8 * MiB // 512 for d in after), (before, after)

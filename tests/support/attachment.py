@@ -11,6 +11,7 @@ The images themselves are made by the caller (tests/support/disks.py, mkfs, ...)
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -71,3 +72,14 @@ def attached(image: Path, target: Path, env: dict[str, str], *args: str) -> Iter
     finally:
         detached = run_cli("detach", str(target), env=env)
         assert detached.returncode == 0, detached.stderr
+
+
+def sectors_read(env: dict[str, str]) -> dict[str, int]:
+    """Sectors read so far from each loop device of the attachment of `env`'s run dir."""
+    [att] = json.loads(run_cli("status", "--json", env=env).stdout)
+    return {
+        loop["device"]: int(
+            Path(f"/sys/block/{Path(loop['device']).name}/stat").read_text().split()[2]
+        )
+        for loop in att["loops"]
+    }
