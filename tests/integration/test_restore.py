@@ -15,6 +15,7 @@ import pytest
 from backupfs.errors import EXIT_PARTIAL
 from backupfs.store.indexer import index_store
 from tests.support.attachment import attached, sectors_read, served_store
+from tests.support.fsimages import flip_byte_of_file
 from tests.support.mounting import BACKUPFS, run_cli, sha256_file
 from tests.support.system import unmount
 
@@ -296,16 +297,7 @@ def test_a_bad_block_in_the_backup_fails_one_file_only(
     subprocess.run(["mkfs.ext4", "-q", "-b", "4096", "-d", str(tree), str(image), "64M"],
                    check=True)  # fmt: skip
     index_store(store, say=lambda _: None)
-    out = subprocess.run(["debugfs", "-R", "bmap /bad.bin 512", str(image)],
-                         capture_output=True, text=True, check=True).stdout  # fmt: skip
-    offset = int(out.split()[-1]) * 4096  # 2 MiB into bad.bin: no other file near it
-    st = image.stat()
-    with open(image, "r+b") as f:
-        f.seek(offset)
-        byte = f.read(1)
-        f.seek(offset)
-        f.write(bytes([byte[0] ^ 0xFF]))
-    os.utime(image, ns=(st.st_atime_ns, st.st_mtime_ns))  # same ETag: only the digest differs
+    flip_byte_of_file(image, "/bad.bin", 512)  # 2 MiB into bad.bin: no other file near it
     target, dest = tmp_path / "attached", tmp_path / "restored"
     with (
         served_store(store, tmp_path, index=False) as served,  # indexed before the damage

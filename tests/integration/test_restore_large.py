@@ -26,6 +26,7 @@ from backupfs.errors import EXIT_OK, EXIT_PARTIAL
 from backupfs.restore import fastcopy, pieces
 from backupfs.store.indexer import index_store
 from tests.support.attachment import attached, sectors_read, served_store
+from tests.support.fsimages import flip_byte_of_file
 from tests.support.kernel import needs_filesystems
 from tests.support.mounting import sha256_file
 from tests.support.system import unmount
@@ -290,16 +291,7 @@ def _attached_backup(tmp_path: Path, run_env: dict[str, str], bad: bool) -> Iter
                    check=True)  # fmt: skip
     index_store(store, say=lambda _: None)
     if bad:
-        out = subprocess.run(["debugfs", "-R", f"bmap /bad.bin {30 * MiB // 4096}", str(image)],
-                             capture_output=True, text=True, check=True).stdout  # fmt: skip
-        offset = int(out.split()[-1]) * 4096
-        st = image.stat()
-        with open(image, "r+b") as f:
-            f.seek(offset)
-            byte = f.read(1)
-            f.seek(offset)
-            f.write(bytes([byte[0] ^ 0xFF]))
-        os.utime(image, ns=(st.st_atime_ns, st.st_mtime_ns))  # same ETag: the digest differs
+        flip_byte_of_file(image, "/bad.bin", 30 * MiB // 4096)
     with (
         served_store(store, tmp_path, "retries=0", index=False) as served,  # a bad digest: EIO
         attached(

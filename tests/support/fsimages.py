@@ -69,6 +69,21 @@ def blank_file(path: Path, size: int) -> None:
         f.truncate(size)
 
 
+def flip_byte_of_file(image: Path, path: str, block: int) -> None:
+    """Invert the first byte of 4 KiB block `block` of file `path` in the ext4 image file
+    `image` (found with debugfs), keeping the image's times: the store's ETag stays the
+    same and only the block's digest tells the damage."""
+    out = run_tool(["debugfs", "-R", f"bmap {path} {block}", str(image)])
+    offset = int(out.split()[-1]) * 4096
+    st = image.stat()
+    with open(image, "r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)
+        f.seek(offset)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    os.utime(image, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
 def _data_extents(fd: int, size: int) -> Iterator[tuple[int, int]]:
     """(offset, length) of each data extent of an open file, by SEEK_DATA / SEEK_HOLE."""
     pos = 0
