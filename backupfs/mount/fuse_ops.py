@@ -102,10 +102,10 @@ class BackupFsOps(pyfuse3.Operations):
         # With the inode; no tracker (no readahead) for the daemon's own reads: the fill's
         # metadata walk reads through the mount, and says nothing about what comes next.
         self._handles: dict[int, tuple[ImageFile, StreamTracker | None, int]] = {}
-        # One tracker per open image, shared by its handles, with how many hold it: the
-        # loop devices of an attachment's clones each hold a handle, and a stream read in
-        # turn over them is sequential on the image, never on one handle.
-        self._trackers: dict[int, tuple[StreamTracker, int]] = {}
+        # One tracker per open image, shared by its handles while any is open: the loop
+        # devices of an attachment's clones each hold a handle, and a stream read in turn
+        # over them is sequential on the image, never on one handle.
+        self._trackers: dict[int, StreamTracker] = {}
         self._control_handles: dict[int, bytes] = {}  # contents rendered at open
         self._next_fh = 1
         self.view = MountView(
@@ -122,21 +122,7 @@ class BackupFsOps(pyfuse3.Operations):
         self.initialized.set()
 
     def _open_trackers(self) -> list[StreamTracker]:
-        return [tracker for tracker, _ in self._trackers.values()]
-
-    def _hold_tracker(self, inode: int) -> StreamTracker:
-        tracker, holders = self._trackers.get(inode, (None, 0))
-        if tracker is None:
-            tracker = StreamTracker(self.readahead)
-        self._trackers[inode] = (tracker, holders + 1)
-        return tracker
-
-    def _drop_tracker(self, inode: int) -> None:
-        tracker, holders = self._trackers[inode]
-        if holders > 1:
-            self._trackers[inode] = (tracker, holders - 1)
-        else:
-            del self._trackers[inode]
+        return list(self._trackers.values())
 
     def _new_fh(self) -> int:
         fh = self._next_fh
@@ -178,7 +164,9 @@ class BackupFsOps(pyfuse3.Operations):
         if isinstance(opened.image, VirtualDisk):
             await self.disks.open(opened.image)  # its headers and first tables
         fh = self._new_fh()
-        tracker = None if _ours(ctx.pid) else self._hold_tracker(inode)
+        tracker = None
+        if not _ours(ctx.pid):
+            tracker = self._trackers.setdefault(inode, StreamTracker(self.readahead))
         self._handles[fh] = (opened, tracker, inode)
         return pyfuse3.FileInfo(fh=cast(pyfuse3.FileHandleT, fh), keep_cache=True)
 
@@ -199,8 +187,8 @@ class BackupFsOps(pyfuse3.Operations):
     @_replies
     async def release(self, fh: int) -> None:
         handle = self._handles.pop(fh, None)
-        if handle is not None and handle[1] is not None:
-            self._drop_tracker(handle[2])
+        if handle is not None and not any(h[2] == handle[2] for h in self._handles.values()):
+            self._trackers.pop(handle[2], None)  # the image's last handle
         self._control_handles.pop(fh, None)
 
     @_replies
