@@ -21,6 +21,8 @@ _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 _FLAGS = ("allow_other", "allow_http", "debug", "insecure", "nonempty")
 _SIZES = ("cache_size", "block_size", "readahead", "request_size", "cache_dir_size", "fill_max")
 FILL_MODES = ("auto", "metadata", "off")
+ADDRESSING = ("auto", "path", "virtual")
+_TEXT = ("endpoint", "region", "profile")
 
 # The option table of `backupfs mount --help` and of the README (tests/unit/test_options.py
 # keeps the two equal): (name, as written in -o; default; meaning).
@@ -46,6 +48,19 @@ OPTION_TABLE: tuple[tuple[str, str, str], ...] = (
         "",
         "netrc file; the entry for the store's host gives HTTP basic auth (excludes token_file=)",
     ),
+    ("endpoint=", "AWS", "s3:// URLs: the S3 endpoint (https://host:port of MinIO, Ceph RGW, …)"),
+    ("region=", "us-east-1", "s3:// URLs: the region requests are signed for"),
+    (
+        "credentials_file=",
+        "",
+        "s3:// URLs: an AWS-style credentials file (else AWS_* variables, ~/.aws)",
+    ),
+    ("profile=", "default", "s3:// URLs: the profile of the credentials and config files"),
+    (
+        "addressing=",
+        "auto",
+        "s3:// URLs: path or virtual (bucket.host); auto: virtual on AWS, path elsewhere",
+    ),
     ("cafile=", "system store", "CA bundle (PEM) to verify the server with, for a private CA"),
     ("cert=", "", "client certificate (PEM); may also hold the key"),
     ("key=", "", "the client certificate's private key (PEM), unencrypted"),
@@ -65,6 +80,9 @@ OPTION_TABLE: tuple[tuple[str, str, str], ...] = (
     ("fill=", "auto", "once a disk is read, its metadata (then, auto, data) into the page cache"),
     ("fill_max=", "1/4 of RAM", "most bytes the fill pushes into the page cache per mount"),
     ("allow_other", "off", "let other users read (images become 0444 instead of 0400)"),
+    ("catalogue_refresh=", "60", "seconds between checks for new snapshots (on `ls` of the top)"),
+    ("metrics_port=", "", "serve Prometheus metrics on 127.0.0.1:PORT (also MNT/.backupfs/metrics)"),
+    ("metrics_textfile=", "", "write Prometheus metrics to this file (node-exporter textfile)"),
     ("log_file=", "", "log here instead of syslog when in the background"),
     ("debug", "off", "per-request log lines"),
 )
@@ -94,6 +112,14 @@ class MountOptions:
     cache_dir_size: int = 10 << 30  # most bytes kept in cache_dir
     fill: str = "auto"  # background fill of the page cache once a disk is read (mount/fill.py)
     fill_max: int = 0  # most bytes the fill pushes per mount; 0: a quarter of the RAM
+    endpoint: str | None = None  # s3://: the endpoint URL; None: AWS (s3.REGION.amazonaws.com)
+    region: str = "us-east-1"  # s3://: the region signatures are made for
+    credentials_file: Path | None = None  # s3://: AWS-style credentials file (INI)
+    profile: str | None = None  # s3://: profile in the credentials/config files (AWS_PROFILE)
+    addressing: str = "auto"  # s3://: path-style or virtual-hosted requests
+    catalogue_refresh: float = 60.0  # seconds between checks of the catalogue's ETag
+    metrics_port: int | None = None  # Prometheus metrics over HTTP on 127.0.0.1
+    metrics_textfile: Path | None = None  # Prometheus metrics written to a file
 
     @property
     def in_flight_bytes(self) -> int:
@@ -145,10 +171,23 @@ def _parse_value(key: str, value: str) -> object:
         return True
     if key in _SIZES:
         return parse_size(value, key)
-    if key == "timeout":
+    if key in ("timeout", "catalogue_refresh"):
         return _parse_seconds(value, key)
     if key in ("connections", "retries"):
         return _parse_count(value, key, 1 if key == "connections" else 0)
+    if key == "metrics_port":
+        port = _parse_count(value, key, 1)
+        if port > 65535:
+            raise UsageError(f"option metrics_port={value}: must be a port number (1 to 65535)")
+        return port
+    if key == "addressing":
+        if value not in ADDRESSING:
+            raise UsageError(f"option addressing={value}: must be one of {', '.join(ADDRESSING)}")
+        return value
+    if key in _TEXT:
+        if not value or "," in value or any(c.isspace() for c in value):
+            raise UsageError(f"option {key}={value}: must be one word")
+        return value
     if key == "fill":
         if value not in FILL_MODES:
             raise UsageError(f"option fill={value}: must be one of {', '.join(FILL_MODES)}")
@@ -175,6 +214,8 @@ def parse_options(option_strings: list[str]) -> MountOptions:
         raise UsageError("mount options token_file= and netrc= exclude each other")
     if opts.cafile is not None and opts.insecure:
         raise UsageError("mount options cafile= and insecure exclude each other")
+    if opts.credentials_file is not None and (opts.token_file or opts.netrc):
+        raise UsageError("mount option credentials_file= excludes token_file= and netrc=")
     if opts.key is not None and opts.cert is None:
         raise UsageError("mount option key= needs cert=")
     # A small cache shrinks the defaults with it; explicit values must fit.
