@@ -18,7 +18,7 @@ GENERIC_OPTIONS = frozenset(
 )  # fmt: skip
 _SIZE = re.compile(r"(\d+)([KMGT]?)(i?B)?", re.IGNORECASE)
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-_FLAGS = ("allow_other", "allow_http", "debug", "insecure", "nonempty")
+_FLAGS = ("allow_other", "allow_http", "debug", "insecure", "nonempty", "no_index")
 _SIZES = ("cache_size", "block_size", "readahead", "request_size", "cache_dir_size", "fill_max")
 FILL_MODES = ("auto", "metadata", "off")
 ADDRESSING = ("auto", "path", "virtual")
@@ -80,8 +80,13 @@ OPTION_TABLE: tuple[tuple[str, str, str], ...] = (
     ("fill=", "auto", "once a disk is read, its metadata (then, auto, data) into the page cache"),
     ("fill_max=", "1/4 of RAM", "most bytes the fill pushes into the page cache per mount"),
     ("allow_other", "off", "let other users read (images become 0444 instead of 0400)"),
+    (
+        "no_index",
+        "off",
+        "serve a store never indexed, found by its listing (blocks not digest-verified)",
+    ),
     ("catalogue_refresh=", "60", "seconds between checks for new snapshots (on `ls` of the top)"),
-    ("metrics_port=", "", "serve Prometheus metrics on 127.0.0.1:PORT (also MNT/.backupfs/metrics)"),
+    ("metrics_port=", "", "serve Prometheus metrics on 127.0.0.1:PORT (see docs/metrics.md)"),
     ("metrics_textfile=", "", "write Prometheus metrics to this file (node-exporter textfile)"),
     ("log_file=", "", "log here instead of syslog when in the background"),
     ("debug", "off", "per-request log lines"),
@@ -113,10 +118,11 @@ class MountOptions:
     fill: str = "auto"  # background fill of the page cache once a disk is read (mount/fill.py)
     fill_max: int = 0  # most bytes the fill pushes per mount; 0: a quarter of the RAM
     endpoint: str | None = None  # s3://: the endpoint URL; None: AWS (s3.REGION.amazonaws.com)
-    region: str = "us-east-1"  # s3://: the region signatures are made for
+    region: str | None = None  # s3://: the region signatures are made for (aws_credentials.py)
     credentials_file: Path | None = None  # s3://: AWS-style credentials file (INI)
     profile: str | None = None  # s3://: profile in the credentials/config files (AWS_PROFILE)
     addressing: str = "auto"  # s3://: path-style or virtual-hosted requests
+    no_index: bool = False  # discover the store from its listing; no digests (discovery.py)
     catalogue_refresh: float = 60.0  # seconds between checks of the catalogue's ETag
     metrics_port: int | None = None  # Prometheus metrics over HTTP on 127.0.0.1
     metrics_textfile: Path | None = None  # Prometheus metrics written to a file

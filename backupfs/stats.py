@@ -25,6 +25,7 @@ class Stats:
     fill_metadata_bytes: int = 0  # read by the fill's walks of ext filesystems' metadata
     fills_started: int = 0  # disks whose fill began
     fills_done: int = 0  # disks whose fill ended (all of it read, budget spent, or an error)
+    unverified_disks: int = 0  # served without digests (an unindexed store: -o no_index)
     fetch_seconds: list[float] = field(default_factory=list, repr=False)
 
     def record_fetch(self, seconds: float) -> None:

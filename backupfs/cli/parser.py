@@ -7,6 +7,11 @@ from backupfs.cli import disk_commands, store_commands
 from backupfs.options import option_help
 from backupfs.store.indexer import DEFAULT_BLOCK_SIZE
 
+NO_INDEX_HELP = (
+    "a store never indexed: find HOST/SNAPSHOT/FILE in its directory or bucket listing; "
+    "blocks are not digest-verified"
+)
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -23,9 +28,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "store",
-        metavar="STORE_DIR",
-        help="the store directory: STORE_DIR/<host>/<snapshot>/<disk> (raw .img, qcow2, "
-        "VMDK, VHD, VHDX)",
+        metavar="STORE",
+        help="the store: a directory or s3://bucket/prefix/, holding <host>/<snapshot>/<disk> "
+        "(raw .img, qcow2, VMDK, VHD, VHDX)",
+    )
+    p.add_argument(
+        "-o",
+        action="append",
+        default=[],
+        metavar="OPT,...",
+        help="for s3://: options as for mount (endpoint=, region=, credentials_file=, "
+        "connections=, ...)",
     )
     p.add_argument(
         "--map-parent",
@@ -44,8 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=store_commands.cmd_index)
 
     p = sub.add_parser("ls", help="list hosts, snapshots and disks of a store")
-    p.add_argument("url", metavar="URL", help="the store, http(s)://host/path/")
+    p.add_argument("url", metavar="URL", help="the store, http(s)://host/path/ or s3://bucket/prefix/")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--no-index", action="store_true", help=NO_INDEX_HELP)
     p.add_argument(
         "-o",
         action="append",
@@ -61,9 +75,10 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=option_help(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("url", metavar="URL", help="the store, http(s)://host/path/")
+    p.add_argument("url", metavar="URL", help="the store, http(s)://host/path/ or s3://bucket/prefix/")
     p.add_argument("mountpoint", metavar="MOUNTPOINT", help="an empty directory to mount it on")
     p.add_argument("-f", "--foreground", action="store_true", help="stay in the foreground")
+    p.add_argument("--no-index", action="store_true", help=NO_INDEX_HELP + " (-o no_index)")
     p.add_argument("-o", action="append", default=[], metavar="OPT,...", help="mount options")
     p.set_defaults(func=store_commands.cmd_mount)
 

@@ -1,21 +1,28 @@
 """Commands on a store and its mounts: index, ls, mount, umount, stats."""
 
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from backupfs.cli.format import human, stats_lines
-from backupfs.errors import UserError
+from backupfs.errors import UsageError, UserError
 from backupfs.linux.tools import failure_reason
-from backupfs.options import parse_options, parse_size
-from backupfs.remote.credentials import load_credentials
+from backupfs.options import MountOptions, parse_options, parse_size
 from backupfs.store.chains import ParentMap
 from backupfs.store.indexer import index_store
 from backupfs.units import plural
+
+if TYPE_CHECKING:
+    from backupfs.remote.discovery import Discovered
+    from backupfs.remote.target import StoreTarget
+    from backupfs.store.manifest import Catalogue
 
 
 def cmd_index(args: argparse.Namespace) -> int:
@@ -31,11 +38,50 @@ def cmd_index(args: argparse.Namespace) -> int:
             print(line, flush=True)
 
     maps = [ParentMap.parse(m) for m in args.map_parent]
-    catalogue = index_store(Path(args.store), block_size, say=say, parent_maps=maps)
+    if args.store.lower().startswith("s3://"):
+        catalogue = _index_bucket(args, block_size, say, maps)
+    else:
+        if args.o:
+            raise UsageError("-o applies to s3:// stores only")
+        catalogue = index_store(Path(args.store), block_size, say=say, parent_maps=maps)
     disks = sum(len(s.disks) for s in catalogue.snapshots)
     tail = f"; {plural(skipped, 'file')} skipped (listed above)" if skipped else ""
     print(f"indexed {plural(len(catalogue.snapshots), 'snapshot')}, {plural(disks, 'disk')}{tail}")
     return 0
+
+
+def _index_bucket(
+    args: argparse.Namespace, block_size: int, say: Callable[[str], None], maps: list[ParentMap]
+) -> "Catalogue":
+    from backupfs.remote.bucket import Bucket
+    from backupfs.remote.target import open_target
+    from backupfs.store.bucket_indexer import index_bucket
+
+    opts = parse_options(args.o)
+    target = open_target(args.store, opts)
+    _warn(target.creds.warnings)
+    bucket = Bucket(target, opts.timeout, opts.retries)
+    start = time.monotonic()
+    catalogue, hashed = index_bucket(bucket, block_size, opts.connections, say, maps)
+    seconds = time.monotonic() - start
+    if hashed:
+        say(f"hashed {human(hashed)} in {seconds:.1f}s ({hashed / seconds / 1e6:.0f} MB/s)")
+    return catalogue
+
+
+def _warn(warnings: "Iterable[str]") -> None:
+    for warning in warnings:
+        print(f"backupfs: warning: {warning}", file=sys.stderr, flush=True)
+
+
+def _discover(target: "StoreTarget", opts: MountOptions) -> "Discovered":
+    """An unindexed store's catalogue, from its listing (remote/discovery.py)."""
+    from backupfs.remote.bucket import Bucket
+    from backupfs.remote.discovery import UNVERIFIED, discover
+
+    _warn([UNVERIFIED])
+    bucket = Bucket(target, opts.timeout, opts.retries)
+    return discover(bucket, opts.connections, lambda line: print(line, file=sys.stderr))
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
@@ -44,21 +90,24 @@ def cmd_ls(args: argparse.Namespace) -> int:
     from backupfs.remote.client import (
         ClientConfig,
         StoreClient,
-        check_base_url,
         enlarge_socket_reads,
         make_clients,
     )
     from backupfs.remote.metadata import load_catalogue
+    from backupfs.remote.target import open_target
     from backupfs.stats import Stats
     from backupfs.store.manifest import Catalogue
 
-    url = check_base_url(args.url)
     opts = parse_options(args.o)
-    creds = load_credentials(opts, url)
-    for warning in creds.warnings:
-        print(f"backupfs: warning: {warning}", file=sys.stderr)
+    if args.no_index:
+        opts = dataclasses.replace(opts, no_index=True)
+    target = open_target(args.url, opts)
+    url, creds = target.url, target.creds
+    _warn(creds.warnings)
+    if opts.no_index:
+        return _print_catalogue(_discover(target, opts).catalogue, args.json)
 
-    config = ClientConfig.from_options(opts)
+    config = ClientConfig.from_options(opts, s3=creds.aws is not None)
     enlarge_socket_reads()
 
     async def fetch() -> Catalogue:
@@ -66,6 +115,10 @@ def cmd_ls(args: argparse.Namespace) -> int:
             return await load_catalogue(StoreClient(clients, url, config, Stats()))
 
     catalogue = trio.run(fetch)  # checked: names are UTF-8, times and sizes int64
+    return _print_catalogue(catalogue, args.json)
+
+
+def _print_catalogue(catalogue: "Catalogue", as_json: bool) -> int:
     rows: list[dict[str, str | int]] = [
         {
             "host": s.host,
@@ -77,7 +130,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
         for s in catalogue.snapshots
         for d in s.disks
     ]
-    if args.json:  # json escapes control characters itself
+    if as_json:  # json escapes control characters itself
         json.dump(rows, sys.stdout, indent=1)
         print()
         return 0
@@ -103,19 +156,21 @@ def _shown(name: str) -> str:
 
 def cmd_mount(args: argparse.Namespace) -> int:
     from backupfs.mount import daemon  # imports pyfuse3; keep other commands free of it
-    from backupfs.remote.client import check_base_url
+    from backupfs.remote.target import open_target
 
-    url = check_base_url(args.url)
     opts = parse_options(args.o)
-    creds = load_credentials(opts, url)  # before the daemon forks and leaves the cwd
+    if args.no_index:
+        opts = dataclasses.replace(opts, no_index=True)
+    target = open_target(args.url, opts)  # credentials read before the daemon forks
+    url, creds = target.url, target.creds
+    discovered = _discover(target, opts) if opts.no_index else None
     mountpoint = daemon.check_mountpoint(args.mountpoint, opts.nonempty)
-    for warning in creds.warnings:
-        print(f"backupfs: warning: {warning}", file=sys.stderr, flush=True)
+    _warn(creds.warnings)
     if args.foreground:
-        daemon.run_foreground(url, mountpoint, opts, creds)
+        daemon.run_foreground(url, mountpoint, opts, creds, discovered)
     else:
         wait_s = opts.timeout * (opts.retries + 1) * 2 + 30
-        daemon.run_background(url, mountpoint, opts, creds, wait_s)
+        daemon.run_background(url, mountpoint, opts, creds, wait_s, discovered)
     return 0
 
 

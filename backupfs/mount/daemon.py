@@ -29,7 +29,7 @@ from backupfs.mount.fill import Filler, fill_budget
 from backupfs.mount.fuse_ops import BackupFsOps
 from backupfs.mount.opening import open_store
 from backupfs.mount.plan_server import PlanServer
-from backupfs.mount.tree import Tree
+from backupfs.mount.tree import Tree, build_tree
 from backupfs.options import MountOptions
 from backupfs.readpath.blocks import BlockReader, ReaderConfig
 from backupfs.readpath.cache import BlockCache
@@ -46,6 +46,7 @@ from backupfs.remote.client import (
     redact,
 )
 from backupfs.remote.credentials import Credentials
+from backupfs.remote.discovery import UNVERIFIED, Discovered, unverified
 from backupfs.remote.metadata import DigestLoader
 from backupfs.stats import Stats
 
@@ -92,7 +93,12 @@ async def _when_initialized(ops: BackupFsOps, mountpoint: str, ready: Callable[[
 
 
 async def serve(
-    url: str, mountpoint: str, opts: MountOptions, creds: Credentials, ready: Callable[[], None]
+    url: str,
+    mountpoint: str,
+    opts: MountOptions,
+    creds: Credentials,
+    ready: Callable[[], None],
+    discovered: Discovered | None = None,
 ) -> None:
     tuning.mark_io_flusher()
     stats = Stats()
@@ -102,12 +108,19 @@ async def serve(
     # HUP`, unmounts cleanly instead of leaving a dead mount (log_file= follows logrotate by
     # itself: see setup_logging).
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
-        client_config = ClientConfig.from_options(opts)
+        client_config = ClientConfig.from_options(opts, s3=creds.aws is not None)
         enlarge_socket_reads()
         async with make_clients(client_config, creds) as clients, trio.open_nursery() as nursery:
             store = StoreClient(clients, url, client_config, stats)
             digests = DigestLoader(store, opts.digest_cache_bytes)
-            tree = await open_store(store, opts.block_size)
+            if discovered is None:
+                tree = await open_store(store, opts.block_size)
+            else:  # an unindexed store (-o no_index), found by the command's listing
+                tree = build_tree(discovered.catalogue, url, opts.block_size)
+                unverified(tree.stored_images(), url, discovered)
+                stats.unverified_disks = len(tree.images())
+                log.warning("%s", UNVERIFIED)
+                await store.probe_range(tree.stored_images()[0])
             cache = BlockCache(opts.block_cache_bytes, stats)
             source: RangeSource = store
             if opts.cache_dir is not None:
@@ -195,18 +208,29 @@ def setup_logging(opts: MountOptions, foreground: bool) -> None:
 
 
 def _run(
-    url: str, mountpoint: str, opts: MountOptions, creds: Credentials, ready: Callable[[], None]
+    url: str,
+    mountpoint: str,
+    opts: MountOptions,
+    creds: Credentials,
+    ready: Callable[[], None],
+    discovered: Discovered | None,
 ) -> None:
-    trio.run(serve, url, mountpoint, opts, creds, ready)
+    trio.run(serve, url, mountpoint, opts, creds, ready, discovered)
 
 
-def run_foreground(url: str, mountpoint: str, opts: MountOptions, creds: Credentials) -> None:
+def run_foreground(
+    url: str,
+    mountpoint: str,
+    opts: MountOptions,
+    creds: Credentials,
+    discovered: Discovered | None = None,
+) -> None:
     setup_logging(opts, foreground=True)
     if opts.log_file is not None:  # else the log is stderr, where the CLI printed them
         for warning in creds.warnings:
             log.warning("%s", warning)
     try:
-        _run(url, mountpoint, opts, creds, _notify_systemd)
+        _run(url, mountpoint, opts, creds, _notify_systemd, discovered)
     except BaseExceptionGroup as group:
         user_error = user_error_in(group)
         if user_error is None:
@@ -226,7 +250,12 @@ def _notify_systemd() -> None:
 
 
 def run_background(
-    url: str, mountpoint: str, opts: MountOptions, creds: Credentials, wait_s: float
+    url: str,
+    mountpoint: str,
+    opts: MountOptions,
+    creds: Credentials,
+    wait_s: float,
+    discovered: Discovered | None = None,
 ) -> None:
     """Fork a daemon and return once it reports the mount ready; raise UserError otherwise."""
     read_fd, write_fd = os.pipe()
@@ -247,7 +276,7 @@ def run_background(
             os.write(write_fd, _READY)
 
         try:
-            _run(url, mountpoint, opts, creds, ready)
+            _run(url, mountpoint, opts, creds, ready, discovered)
         except BaseException as exc:
             user_error = user_error_in(exc)
             message = str(user_error) if user_error else f"mount failed: {exc!r}"

@@ -22,7 +22,7 @@ import trio
 
 from backupfs.errors import FetchError, StoreError, UsageError
 from backupfs.options import MountOptions
-from backupfs.remote import checks
+from backupfs.remote import checks, s3errors
 from backupfs.remote.credentials import Credentials
 from backupfs.remote.failures import http_error, status_hint
 from backupfs.remote.limiter import PriorityLimiter
@@ -63,10 +63,11 @@ class ClientConfig:
     connections: int  # parallel connections, and ranged GETs in flight
     timeout_s: float  # one whole attempt, body included
     retries: int  # further attempts after a transient failure
+    s3: bool = False  # the store is a bucket: error replies are S3's XML (s3errors.py)
 
     @classmethod
-    def from_options(cls, opts: MountOptions) -> "ClientConfig":
-        return cls(connections=opts.connections, timeout_s=opts.timeout, retries=opts.retries)
+    def from_options(cls, opts: MountOptions, s3: bool = False) -> "ClientConfig":
+        return cls(opts.connections, opts.timeout, opts.retries, s3)
 
 
 # httpcore receives at most 64 KiB per socket read (`READ_NUM_BYTES`, a class attribute of
@@ -97,6 +98,7 @@ async def make_clients(
             await stack.enter_async_context(
                 httpx.AsyncClient(
                     headers=headers,
+                    auth=creds.auth(),
                     verify=creds.ssl_context,
                     limits=httpx.Limits(max_connections=1, max_keepalive_connections=1),
                     timeout=httpx.Timeout(config.timeout_s),
@@ -195,6 +197,8 @@ class StoreClient:
     ) -> httpx.Headers:
         async with client.stream("GET", url, headers=headers) as resp:
             progressed()
+            if self.config.s3 and resp.status_code >= 300:
+                await self._raise_s3_error(resp)
             if headers.get("Range"):
                 checks.check_status(resp.status_code, redact(url))
             elif resp.status_code != 200:
@@ -212,6 +216,18 @@ class StoreClient:
                     raise FetchError("reply longer than asked for", transient=True)
                 sink(chunk)
             return resp.headers
+
+    async def _raise_s3_error(self, resp: httpx.Response) -> None:
+        """Raise the one-line FetchError of an S3 error reply (s3errors.py), if it is one."""
+        body = b""
+        async for chunk in resp.aiter_raw():
+            body += chunk
+            if len(body) > s3errors.MAX_ERROR_BYTES:
+                return
+        error = s3errors.s3_error(resp.status_code, body)
+        if error is not None:
+            log.debug("%s: %s", redact(str(resp.url)), body[:2000].decode(errors="replace"))
+            raise error
 
     async def get_metadata(self, path: str) -> bytes:
         """A whole metadata file; failures become one-line StoreErrors."""

@@ -20,8 +20,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import httpx
+
 from backupfs.errors import UsageError, UserError
 from backupfs.options import MountOptions
+from backupfs.remote import aws_credentials
+from backupfs.remote.s3 import AwsKeys, SigV4
 
 PLAIN_HTTP_WARNING = (
     "plain http://: anyone on the network path can read and alter what the store sends "
@@ -35,6 +39,12 @@ class Credentials:
     basic_auth: tuple[str, str] | None = field(default=None, repr=False)  # login, password
     ssl_context: ssl.SSLContext = field(default_factory=ssl.create_default_context, repr=False)
     warnings: tuple[str, ...] = ()  # one line each, for stderr and the daemon's log
+    aws: AwsKeys | None = field(default=None, repr=False)  # s3:// stores: requests signed
+    region: str = aws_credentials.DEFAULT_REGION
+
+    def auth(self) -> httpx.Auth | None:
+        """What signs each request: SigV4 for an S3 store, nothing otherwise."""
+        return None if self.aws is None else SigV4(self.aws, self.region)
 
     def headers(self) -> dict[str, str]:
         if self.token is not None:
@@ -45,10 +55,28 @@ class Credentials:
         return {}
 
 
-def load_credentials(opts: MountOptions, url: str) -> Credentials:
-    """Read every credential file `opts` names; errors are one-line UserErrors."""
+_S3_ONLY = ("credentials_file", "endpoint", "region", "profile")
+
+
+def load_credentials(opts: MountOptions, url: str, s3: bool = False) -> Credentials:
+    """Read every credential file `opts` names; errors are one-line UserErrors. `s3`: the
+    store is a bucket (`url` its HTTP(S) form), so its requests are signed."""
     warnings: list[str] = []
-    _check_transport(opts, url, warnings)
+    if not s3:
+        given = [name for name in _S3_ONLY if getattr(opts, name) is not None]
+        if given or opts.addressing != "auto":
+            raise UsageError(f"-o {(given or ['addressing'])[0]}= applies to s3:// URLs only")
+    _check_transport(opts, url, warnings, s3)
+    if s3:
+        if opts.credentials_file is not None:
+            path = opts.credentials_file
+            text = _read_secret("credentials_file", path, warnings)
+            keys = aws_credentials.from_file(text, path, opts.profile)
+        else:
+            keys = aws_credentials.from_environment_or_profile(opts.profile)
+        region = aws_credentials.region_for(opts.region, opts.profile)
+        ssl_context = _ssl_context(opts, warnings)
+        return Credentials(None, None, ssl_context, tuple(warnings), keys, region)
     token = basic_auth = None
     if opts.token_file is not None:
         token = _read_token(_read_secret("token_file", opts.token_file, warnings), opts.token_file)
@@ -68,7 +96,7 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-def _check_transport(opts: MountOptions, url: str, warnings: list[str]) -> None:
+def _check_transport(opts: MountOptions, url: str, warnings: list[str], s3: bool) -> None:
     """Refuse credentials over plain http:// unless `allow_http`; warn of plain http."""
     parts = urlsplit(url)
     if parts.scheme != "http" or _is_loopback(parts.hostname or ""):
@@ -79,6 +107,11 @@ def _check_transport(opts: MountOptions, url: str, warnings: list[str]) -> None:
         raise UsageError(
             f"{named[0]} over plain http:// would send the secret in clear: "
             "use https:// (or -o allow_http to send it anyway)"
+        )
+    if s3 and not opts.allow_http:
+        raise UsageError(
+            "S3 credentials over plain http://: signed requests (and a session token) could be "
+            "read and replayed on the way: use an https:// endpoint= (or -o allow_http)"
         )
     warnings.append(PLAIN_HTTP_WARNING)
 
