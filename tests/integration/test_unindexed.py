@@ -37,7 +37,8 @@ def test_ls_finds_every_file_in_the_autoindex(plain_store: tuple[Nginx, dict[str
     nginx, _ = plain_store
     result = run_cli("ls", "--json", "--no-index", nginx.url)
     assert result.returncode == 0, result.stderr
-    got = {f"{r['host']}/{r['snapshot']}/{r['disk']}": r["size_bytes"] for r in json.loads(result.stdout)}
+    rows = json.loads(result.stdout)
+    got = {f"{r['host']}/{r['snapshot']}/{r['disk']}": r["size_bytes"] for r in rows}
     assert got == FILES
     assert "not digest-verified" in result.stderr
 
