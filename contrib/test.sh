@@ -3,6 +3,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash contrib/setup.sh
+bash contrib/setup-rgw.sh
 ruff check backupfs tests bench
 mypy
 exec python3 -m pytest -q -p no:cacheprovider "$@"

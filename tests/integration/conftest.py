@@ -17,6 +17,7 @@ from tests.support import mounting
 from tests.support.attachment import attach_env
 from tests.support.nginx import Nginx
 from tests.support.proxy import FaultProxy
+from tests.support.rgw import rgw  # noqa: F401  (the session's Ceph RGW fixture)
 from tests.support.system import mount_points_under, remove_tree, unmount
 
 mounting.DEFAULT_OPTIONS["fill"] = "off"  # see mounting.DEFAULT_OPTIONS; test_fill turns it on

@@ -1,0 +1,527 @@
+"""A real S3 server for tests and benchmarks: Debian's Ceph RADOS Gateway (RGW) in front of a
+single-node cluster, one monitor and one OSD on a sparse BlueStore file.
+
+Every file lives under the one directory the caller gives (layout below); no systemd, no
+/etc/ceph, no keyrings (cephx is off: only loopback listens). Each daemon runs in the
+foreground (`-f`) as a child started here, its PID kept in `pids/NAME.pid`, and is stopped
+by that PID: SIGTERM, then SIGKILL after a timeout; also when the start fails halfway. The
+monitor and the gateways listen on free loopback ports, so two sessions never clash.
+
+    ceph.conf monmap        the cluster's configuration and its first monitor map
+    mon/ osd/ rgw/          daemon data; osd/block-0 is the BlueStore file (sparse)
+    log/                    Ceph's logs (mon.a.log, osd.0.log, client.rgw.s3.log, ...) and
+                            each daemon's stdout and stderr (mon.out, osd.out, rgw.out, ...)
+    run/                    admin sockets (`ceph --admin-daemon run/osd.0.asok help`)
+    pids/                   one PID file a daemon
+
+Two gateways serve the same cluster, users and buckets. `endpoint` has STS authentication
+off and answers a bad signature with AWS's codes (SignatureDoesNotMatch, InvalidAccessKeyId);
+`sts_endpoint` has it on (`rgw_s3_auth_use_sts`), so it takes temporary keys with their
+session token, but answers AccessDenied to every failed authentication (its STS engine,
+tried last, has the last word). The S3 user gets random keys each start. GetSessionToken is
+allowed by a user policy (RGW refuses it by default, even to the key's own user), put
+through RGW's IAM API, which the user's `user-policy=*` cap lets it call. Virtual-hosted
+requests work with `Host: BUCKET.localhost[:PORT]` (`rgw_dns_name = localhost`; the
+connection still goes to 127.0.0.1: *.localhost does not resolve here).
+
+For benchmarks, a CLI that leaves the daemons running:
+
+    python3 -m tests.support.rgw start DIR    # one JSON line: endpoints, keys, region, sts
+    python3 -m tests.support.rgw stop DIR
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import http.client
+import importlib.util
+import json
+import logging
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.support.nginx import free_port, wait_for_port
+from tests.support.system import remove_tree
+
+log = logging.getLogger(__name__)
+
+REGION = "us-east-1"  # RGW takes any region in a signature's scope; this is botocore's default
+BLOCK_SIZE = 2 << 30  # the OSD's BlueStore file, sparse
+START_TIMEOUT_S = 120.0  # each step's; the whole start takes about 20 s on 2 cores
+STOP_TIMEOUT_S = 20.0  # SIGTERM to SIGKILL
+CATALOGUE = "backupfs-store.json"
+_CLI_TIMEOUT_S = 60.0  # one `ceph` or `radosgw-admin` run
+_PR_SET_PDEATHSIG = 1
+
+CONF = """\
+[global]
+fsid = {fsid}
+mon_host = v1:127.0.0.1:{mon_port}
+public_addr = 127.0.0.1
+ms_bind_msgr2 = false
+ms_bind_ipv6 = false
+auth_cluster_required = none
+auth_service_required = none
+auth_client_required = none
+keyring = /dev/null
+run_dir = {root}/run
+log_file = {root}/log/$name.log
+mon_data = {root}/mon/$cluster-$id
+osd_data = {root}/osd/$cluster-$id
+rgw_data = {root}/rgw
+osd_pool_default_size = 1
+osd_pool_default_min_size = 1
+mon_allow_pool_size_one = true
+osd_pool_default_pg_num = 8
+osd_pool_default_pgp_num = 8
+osd_pool_default_pg_autoscale_mode = off
+osd_crush_chooseleaf_type = 0
+mon_warn_on_pool_no_redundancy = false
+mon_warn_on_insecure_global_id_reclaim_allowed = false
+mon_data_avail_crit = 1
+osd_objectstore = bluestore
+bluestore_block_path = {root}/osd/block-$id
+bluestore_block_create = true
+bluestore_block_size = {block_size}
+osd_memory_target = 1073741824
+rgw_dns_name = localhost
+rgw_sts_key = {sts_key}
+
+# The command-line tools (client.admin) get no admin socket: they would take the daemons'.
+[mon]
+admin_socket = {root}/run/$name.asok
+[osd]
+admin_socket = {root}/run/$name.asok
+[client.rgw.s3]
+admin_socket = {root}/run/$name.asok
+rgw_frontends = beast endpoint=127.0.0.1:{rgw_port}
+rgw_s3_auth_use_sts = false
+[client.rgw.sts]
+admin_socket = {root}/run/$name.asok
+rgw_frontends = beast endpoint=127.0.0.1:{sts_port}
+rgw_s3_auth_use_sts = true
+"""
+
+# Daemons in start order; stopped in reverse.
+_DAEMONS = {
+    "mon": ["ceph-mon", "-i", "a"],
+    "osd": ["ceph-osd", "-i", "0"],
+    "rgw": ["radosgw", "-n", "client.rgw.s3"],
+    "sts": ["radosgw", "-n", "client.rgw.sts"],
+}
+
+
+class RgwError(RuntimeError):
+    """The cluster did not come up (or a tool failed); one line, naming the log to read."""
+
+
+class DaemonExited(RgwError):
+    def __init__(self, daemon: Daemon, message: str) -> None:
+        super().__init__(message)
+        self.daemon = daemon
+
+
+@dataclass
+class Daemon:
+    name: str
+    pid: int
+    proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)  # None: not ours
+
+    def exited(self) -> bool:
+        if self.proc is not None:
+            return self.proc.poll() is not None
+        try:
+            stat = Path(f"/proc/{self.pid}/stat").read_text()
+        except (FileNotFoundError, ProcessLookupError):
+            return True
+        return stat.rpartition(")")[2].split()[0] in ("Z", "X")  # a zombie has exited
+
+    def signal(self, sig: int) -> None:
+        if self.exited():
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.pid, sig)
+
+
+@dataclass
+class RGW:
+    endpoint: str  # http://127.0.0.1:PORT: STS auth off, so errors are AWS's codes
+    access_key: str
+    secret_key: str = field(repr=False)
+    region: str
+    root: Path
+    sts: bool = False  # GetSessionToken works (session_token() gives temporary keys)
+    sts_endpoint: str = ""  # the gateway that takes temporary keys (STS auth on)
+    daemons: list[Daemon] = field(default_factory=list, repr=False)
+    detached: bool = field(default=False, repr=False)  # the daemons outlive their starter
+
+    @property
+    def port(self) -> int:
+        return int(self.endpoint.rpartition(":")[2])
+
+
+# --------------------------------------------------------------------------------------------
+# start and stop
+
+
+def start_rgw(root: Path, block_size: int = BLOCK_SIZE, detach: bool = False) -> RGW:
+    """Make a cluster under `root` (created; must not hold one already) and start it. The
+    daemons get SIGTERM if this thread ends first (a test run killed), unless `detach`."""
+    root = root.resolve()
+    if (root / "ceph.conf").exists():
+        raise RgwError(f"{root} already holds a cluster: stop it and remove the directory")
+    for sub in ("mon", "osd/ceph-0", "rgw", "log", "run", "pids"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    ports: set[int] = set()
+    while len(ports) < 3:
+        ports.add(free_port())
+    fsid, (mon_port, rgw_port, sts_port) = str(uuid.uuid4()), sorted(ports)
+    conf = root / "ceph.conf"
+    conf.write_text(
+        CONF.format(
+            fsid=fsid, mon_port=mon_port, rgw_port=rgw_port, sts_port=sts_port, root=root,
+            block_size=block_size, sts_key=secrets.token_hex(8),
+        )
+    )  # fmt: skip
+    conf.chmod(0o600)  # the STS key signs session tokens
+    rgw = RGW(f"http://127.0.0.1:{rgw_port}", "", "", REGION, root,
+              sts_endpoint=f"http://127.0.0.1:{sts_port}", detached=detach)  # fmt: skip
+    begun = time.monotonic()
+    try:
+        _ceph_tool(root, "monmaptool", "--create", "--fsid", fsid,
+                   "--addv", "a", f"[v1:127.0.0.1:{mon_port}]", str(root / "monmap"))  # fmt: skip
+        _ceph_tool(root, "ceph-mon", "--mkfs", "-i", "a", "--monmap", str(root / "monmap"))
+        _start(rgw, "mon")
+        _wait_until(rgw, "the monitor's port", lambda: _port_open(mon_port))
+        osd_uuid = str(uuid.uuid4())
+        _ceph_tool(root, "ceph", "--connect-timeout", "30", "osd", "new", osd_uuid)
+        _ceph_tool(root, "ceph-osd", "-i", "0", "--mkfs", "--osd-uuid", osd_uuid)
+        _start_and_wait(rgw, "osd", "the OSD", lambda: _osds_up(root) == 1)
+        _start_and_wait(rgw, "rgw", "the gateway's HTTP", lambda: _answers_http(rgw.endpoint))
+        _start_and_wait(rgw, "sts", "the STS gateway's HTTP",
+                        lambda: _answers_http(rgw.sts_endpoint))  # fmt: skip
+        _make_user(rgw)
+        rgw.sts = _allow_session_tokens(rgw)
+    except BaseException:
+        stop_rgw(rgw)
+        raise
+    log.info("RGW at %s and %s up in %.1f s (STS %s)", rgw.endpoint, rgw.sts_endpoint,
+             time.monotonic() - begun, "works" if rgw.sts else "fails")  # fmt: skip
+    return rgw
+
+
+def stop_rgw(rgw: RGW) -> None:
+    """Stop the daemons by their PIDs, one after the other: the gateways, the OSD, the
+    monitor (a gateway whose OSD is gone hangs in its shutdown until SIGKILL)."""
+    for name in reversed(_DAEMONS):
+        _stop([d for d in rgw.daemons if d.name == name])
+    for d in rgw.daemons:
+        (rgw.root / "pids" / f"{d.name}.pid").unlink(missing_ok=True)
+    rgw.daemons.clear()
+
+
+def _stop(daemons: list[Daemon]) -> None:
+    for d in daemons:
+        d.signal(signal.SIGTERM)
+    begun = time.monotonic()
+    end = begun + STOP_TIMEOUT_S
+    while any(not d.exited() for d in daemons) and time.monotonic() < end:
+        time.sleep(0.1)
+    for d in daemons:
+        if not d.exited():
+            log.warning("%s (pid %d) ignored SIGTERM for %.0f s: killing it", d.name, d.pid,
+                        STOP_TIMEOUT_S)  # fmt: skip
+            d.signal(signal.SIGKILL)
+    end = time.monotonic() + 10
+    while any(not d.exited() for d in daemons) and time.monotonic() < end:
+        time.sleep(0.05)
+    for d in daemons:
+        if d.proc is not None:
+            d.proc.wait(timeout=1)
+        log.debug("%s stopped in %.1f s", d.name, time.monotonic() - begun)
+
+
+def _start(rgw: RGW, name: str) -> None:
+    out = open(rgw.root / "log" / f"{name}.out", "ab")  # noqa: SIM115 (the child keeps it)
+    with out:
+        proc = subprocess.Popen(
+            [*_DAEMONS[name], "-c", str(rgw.root / "ceph.conf"), "-f"],
+            stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+            start_new_session=True,  # a terminal's ^C reaches the test run, not the daemons
+            preexec_fn=None if rgw.detached else _die_with_parent,
+        )  # fmt: skip
+    rgw.daemons.append(Daemon(name, proc.pid, proc))
+    (rgw.root / "pids" / f"{name}.pid").write_text(f"{proc.pid}\n")
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGTERM when the thread that started it ends."""
+    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+
+
+def _start_and_wait(rgw: RGW, name: str, what: str, ready: Callable[[], bool]) -> None:
+    """Start a daemon and wait until it is `ready`; start it again if it exits on the way
+    (a fresh OSD sometimes does: its first command reaches the monitor with an fsid of
+    zeros, refused as 'wrong fsid', and it gives up)."""
+    for attempt in range(1, 4):
+        _start(rgw, name)
+        try:
+            _wait_until(rgw, what, ready)
+            return
+        except DaemonExited as e:
+            if e.daemon.name != name or attempt == 3:
+                raise
+            log.warning("%s exited at its start (%s): starting it again", name, e)
+            rgw.daemons.remove(e.daemon)
+
+
+def _wait_until(rgw: RGW, what: str, ready: Callable[[], bool]) -> None:
+    end = time.monotonic() + START_TIMEOUT_S
+    while True:
+        for d in rgw.daemons:
+            if d.exited():
+                raise DaemonExited(d, f"{d.name} exited while waiting for {what}: see "
+                                      f"{rgw.root}/log/{d.name}.out and .log")  # fmt: skip
+        if ready():
+            return
+        if time.monotonic() > end:
+            raise RgwError(f"{what} not ready after {START_TIMEOUT_S:.0f} s: see {rgw.root}/log")
+        time.sleep(0.2)
+
+
+def _port_open(port: int) -> bool:
+    try:
+        wait_for_port(port, deadline_s=0)
+    except OSError:
+        return False
+    return True
+
+
+def _osds_up(root: Path) -> int:
+    proc = _ceph_tool(root, "ceph", "--connect-timeout", "10", "osd", "stat", "-f", "json")
+    return int(json.loads(proc.stdout)["num_up_osds"])
+
+
+def _answers_http(endpoint: str) -> bool:
+    try:
+        with urllib.request.urlopen(endpoint + "/", timeout=2) as reply:
+            return bool(reply.status == 200)
+    except (OSError, http.client.HTTPException):
+        return False
+
+
+def _ceph_tool(root: Path, tool: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """Run one of Ceph's tools on this cluster. An error names the command (never given a
+    secret) and the last line of its stderr; its stdout (which may hold keys) stays out."""
+    cmd = [tool, "-c", str(root / "ceph.conf"), *args]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=_CLI_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        raise RgwError(f"{' '.join([tool, *args])} took over {_CLI_TIMEOUT_S:.0f} s") from None
+    if proc.returncode != 0:
+        last = (proc.stderr.strip().splitlines() or ["(no message)"])[-1]
+        raise RgwError(f"{' '.join([tool, *args])} failed ({proc.returncode}): {last}")
+    return proc
+
+
+# --------------------------------------------------------------------------------------------
+# the S3 user
+
+
+def _make_user(rgw: RGW) -> None:
+    """A user with keys that radosgw-admin makes at random (read from its JSON reply)."""
+    proc = _ceph_tool(rgw.root, "radosgw-admin", "user", "create", "--uid=backupfs",
+                      "--display-name=backupfs tests")  # fmt: skip
+    key = json.loads(proc.stdout)["keys"][0]
+    rgw.access_key, rgw.secret_key = key["access_key"], key["secret_key"]
+    _ceph_tool(rgw.root, "radosgw-admin", "caps", "add", "--uid=backupfs", "--caps=user-policy=*")
+
+
+_STS_POLICY = {
+    "Version": "2012-10-17",
+    "Statement": [{"Effect": "Allow", "Action": ["sts:GetSessionToken"], "Resource": ["*"]}],
+}
+
+
+def _allow_session_tokens(rgw: RGW) -> bool:
+    """Let the user call GetSessionToken, and check once that it works."""
+    from botocore.exceptions import BotoCoreError, ClientError  # type: ignore[import-untyped]
+
+    try:
+        _client(rgw, "iam", None, "path", None).put_user_policy(
+            UserName="backupfs", PolicyName="sts", PolicyDocument=json.dumps(_STS_POLICY)
+        )
+        return session_token(rgw, force=True) is not None
+    except (BotoCoreError, ClientError) as e:
+        log.warning("RGW: no STS (%s)", e)
+        return False
+
+
+# --------------------------------------------------------------------------------------------
+# clients
+
+
+def _config(addressing: str) -> Any:
+    from botocore.config import Config  # type: ignore[import-untyped]
+
+    extra: dict[str, Any] = {}
+    if "request_checksum_calculation" in Config.OPTION_DEFAULTS:
+        # botocore 1.36+ would add CRC32 trailers (aws-chunked uploads) that RGW 16 refuses
+        extra = {"request_checksum_calculation": "when_required",
+                 "response_checksum_validation": "when_required"}  # fmt: skip
+    return Config(
+        signature_version="s3v4", s3={"addressing_style": addressing},
+        retries={"total_max_attempts": 1}, connect_timeout=5, read_timeout=120, **extra,
+    )  # fmt: skip
+
+
+Keys = tuple[str, str] | tuple[str, str, str]  # access, secret[, session token]
+
+
+def _client(
+    rgw: RGW, service: str, keys: Keys | None, addressing: str, endpoint: str | None
+) -> Any:
+    import botocore.session  # type: ignore[import-untyped]
+
+    access, secret, *token = keys or (rgw.access_key, rgw.secret_key)
+    if endpoint is None:
+        endpoint = rgw.sts_endpoint if token or service == "sts" else rgw.endpoint
+    return botocore.session.get_session().create_client(
+        service, endpoint_url=endpoint, region_name=rgw.region,
+        aws_access_key_id=access, aws_secret_access_key=secret,
+        aws_session_token=token[0] if token else None, config=_config(addressing),
+    )  # fmt: skip
+
+
+def client(
+    rgw: RGW, keys: Keys | None = None, addressing: str = "path", endpoint: str | None = None
+) -> Any:
+    """A botocore S3 client (SigV4, path-style, no retries) with the user's keys or `keys`.
+    Requests go to `rgw.endpoint`, or with a session token in `keys` to `rgw.sts_endpoint`
+    (the gateway that takes temporary keys), unless `endpoint` says otherwise."""
+    return _client(rgw, "s3", keys, addressing, endpoint)
+
+
+def make_bucket(rgw: RGW, name: str) -> None:
+    client(rgw).create_bucket(Bucket=name)
+
+
+def upload_tree(rgw: RGW, local_dir: Path, bucket: str, prefix: str = "") -> list[str]:
+    """Put every regular file below `local_dir` (symlinks are skipped) at `prefix/relpath`,
+    in name order but catalogues (backupfs-store.json) after the rest and the top one last,
+    as a publisher would. Returns the keys in upload order."""
+    base = prefix.strip("/")
+    rels: list[str] = []
+    for top, _, names in os.walk(local_dir):
+        paths = [Path(top) / n for n in names]
+        rels += [p.relative_to(local_dir).as_posix() for p in paths if not p.is_symlink()]
+    rels.sort(key=lambda rel: (rel.rpartition("/")[2] == CATALOGUE, rel == CATALOGUE, rel))
+    s3, keys = client(rgw), []
+    for rel in rels:
+        path = local_dir / rel
+        key = f"{base}/{rel}" if base else rel
+        with open(path, "rb") as body:
+            s3.put_object(Bucket=bucket, Key=key, Body=body)
+        keys.append(key)
+    return keys
+
+
+def session_token(rgw: RGW, seconds: int = 900, force: bool = False) -> tuple[str, str, str] | None:
+    """Temporary credentials (access, secret, token) from RGW's STS, or None without STS."""
+    if not (rgw.sts or force):
+        return None
+    reply = _client(rgw, "sts", None, "path", None).get_session_token(DurationSeconds=seconds)
+    c = reply["Credentials"]
+    return c["AccessKeyId"], c["SecretAccessKey"], c["SessionToken"]
+
+
+# --------------------------------------------------------------------------------------------
+# the pytest fixture
+
+
+def _why_not() -> str | None:
+    if os.geteuid() != 0:
+        return "the Ceph RGW fixture needs root"
+    for tool in ("radosgw", "ceph-mon", "ceph-osd", "ceph", "radosgw-admin", "monmaptool"):
+        if shutil.which(tool) is None:
+            return f"{tool} is not installed (bash contrib/setup-rgw.sh)"
+    if importlib.util.find_spec("botocore") is None:
+        return "botocore is not installed (pip install -e '.[test]')"
+    return None
+
+
+@pytest.fixture(scope="session")
+def rgw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RGW]:
+    """One Ceph RGW for the whole test session (about 20 s to start)."""
+    reason = _why_not()
+    if reason is not None:
+        pytest.skip(reason)
+    root = tmp_path_factory.mktemp("rgw")
+    server = start_rgw(root)
+    try:
+        yield server
+    finally:
+        stop_rgw(server)
+        remove_tree(root)
+
+
+# --------------------------------------------------------------------------------------------
+# the CLI for benchmarks
+
+
+def _running(root: Path) -> list[Daemon]:
+    """The daemons whose PID files are under `root` and that still run this cluster's
+    configuration (a PID that was reused by another program is left alone)."""
+    conf = str(root / "ceph.conf").encode()
+    found = []
+    for name in _DAEMONS:
+        try:
+            pid = int((root / "pids" / f"{name}.pid").read_text())
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except (FileNotFoundError, ProcessLookupError, ValueError):
+            continue
+        if conf in argv:
+            found.append(Daemon(name, pid))
+    return found
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 2 or argv[0] not in ("start", "stop"):
+        print("usage: python3 -m tests.support.rgw start|stop DIR", file=sys.stderr)
+        return 2
+    root = Path(argv[1]).resolve()
+    if argv[0] == "stop":
+        server = RGW("", "", "", REGION, root, daemons=_running(root))
+        stop_rgw(server)
+        return 0
+    reason = _why_not()
+    if reason is not None:
+        print(f"rgw: {reason}", file=sys.stderr)
+        return 1
+    try:
+        server = start_rgw(root, detach=True)
+    except RgwError as e:
+        print(f"rgw: {e}", file=sys.stderr)
+        return 1
+    print(json.dumps({"endpoint": server.endpoint, "access_key": server.access_key,
+                      "secret_key": server.secret_key, "region": server.region,
+                      "sts": server.sts, "sts_endpoint": server.sts_endpoint}))  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
