@@ -1,5 +1,8 @@
 """The hidden control directory `MNT/.backupfs/`: read-only files rendered on open.
 
+`stats` is the stats document as JSON; `metrics` the same numbers in the Prometheus text
+format (metrics.py, docs/metrics.md).
+
 It is absent from directory listings (so `ls`, `find` and `rsync` of the mount never see
 it) but answers a lookup by name. Its inodes sit far above the tree's, which count up
 from 1. Its `volumes/` directory lists the volumes attach asked for (volumes.py). Pure
@@ -10,6 +13,7 @@ import json
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from backupfs.mount import metrics
 from backupfs.readpath.cache import BlockCache
 from backupfs.readpath.readahead import StreamTracker
 from backupfs.stats import Stats
@@ -17,10 +21,11 @@ from backupfs.stats import Stats
 CONTROL_DIR = ".backupfs"
 CONTROL_DIR_INODE = 1 << 62
 STATS_INODE = CONTROL_DIR_INODE + 1
-FILES = {"stats": STATS_INODE}
 VOLUMES_DIR = "volumes"
 VOLUMES_REL = f"{CONTROL_DIR}/{VOLUMES_DIR}"  # where a volume is, relative to MNT
 VOLUMES_DIR_INODE = CONTROL_DIR_INODE + 2
+METRICS_INODE = CONTROL_DIR_INODE + 3
+FILES = {"stats": STATS_INODE, "metrics": METRICS_INODE}
 
 
 @dataclass
@@ -33,6 +38,7 @@ class StatsSources:
     cache_max_bytes: int
     readahead_max_bytes: int
     started_s: float
+    mountpoint: str = ""  # the metrics' `mount` label
 
 
 def is_control(inode: int) -> bool:
@@ -65,4 +71,6 @@ def render(
 ) -> bytes:
     if inode == STATS_INODE:
         return (json.dumps(stats_document(sources, trackers, now_s), indent=1) + "\n").encode()
+    if inode == METRICS_INODE:
+        return metrics.exposition(stats_document(sources, trackers, now_s), sources.mountpoint)
     raise KeyError(inode)

@@ -23,7 +23,7 @@ import trio.lowlevel
 from backupfs.errors import EXIT_INTERNAL, UserError, user_error_in
 from backupfs.linux.holders import is_dead_mount
 from backupfs.linux.mountinfo import top_fstype
-from backupfs.mount import control, tuning
+from backupfs.mount import control, metrics_export, tuning
 from backupfs.mount.control import VOLUMES_REL
 from backupfs.mount.fill import Filler, fill_budget
 from backupfs.mount.fuse_ops import BackupFsOps
@@ -134,6 +134,7 @@ async def serve(
                 cache_max_bytes=opts.block_cache_bytes,
                 readahead_max_bytes=opts.readahead,
                 started_s=time.monotonic(),
+                mountpoint=mountpoint,
             )
             disks = DiskReader(reader)
             plans = PlanServer(
@@ -165,6 +166,8 @@ async def serve(
                 tree, disks, digests, readahead, opts.allow_other, stats_sources, filler
             )
             await nursery.start(plans.serve, mountpoint)
+            # -o metrics_port=, metrics_textfile=: a port in use fails here, before the mount
+            await nursery.start(metrics_export.export, opts, stats_sources, ops._open_trackers)
             pyfuse3.init(ops, mountpoint, fuse_mount_options(url, opts))
             unmounted = False
             try:

@@ -48,7 +48,7 @@ def test_second_read_of_a_range_is_a_cache_hit(store: Store, mnt: Path) -> None:
 def test_control_dir_is_hidden_and_read_only(store: Store, mnt: Path) -> None:
     with mounted(store.url, mnt):
         assert ".backupfs" not in os.listdir(mnt)
-        assert sorted(os.listdir(mnt / ".backupfs")) == ["stats", "volumes"]
+        assert sorted(os.listdir(mnt / ".backupfs")) == ["metrics", "stats", "volumes"]
         assert os.stat(mnt / ".backupfs" / "stats").st_size > 0
         with pytest.raises(OSError) as err:
             open(mnt / ".backupfs" / "stats", "w")  # noqa: SIM115

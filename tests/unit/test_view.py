@@ -12,7 +12,13 @@ from pathlib import Path
 import pytest
 
 from backupfs.mount import control
-from backupfs.mount.control import CONTROL_DIR_INODE, STATS_INODE, VOLUMES_DIR_INODE, StatsSources
+from backupfs.mount.control import (
+    CONTROL_DIR_INODE,
+    METRICS_INODE,
+    STATS_INODE,
+    VOLUMES_DIR_INODE,
+    StatsSources,
+)
 from backupfs.mount.tree import ROOT_INODE, Tree, build_tree
 from backupfs.mount.view import (
     IMMUTABLE_TIMEOUT_S,
@@ -211,6 +217,7 @@ def test_control_dir_is_absent_from_the_root_listing() -> None:
     assert view.entries(CONTROL_DIR_INODE) == [
         (STATS_INODE, "stats"),
         (VOLUMES_DIR_INODE, "volumes"),
+        (METRICS_INODE, "metrics"),
     ]
 
 
@@ -241,9 +248,9 @@ def test_entries_and_open_dir_refuse_what_is_not_a_directory() -> None:
 def test_unknown_inodes_are_enoent() -> None:
     view = _view()
     assert _errno(view.attributes, 999) == errno.ENOENT
-    assert _errno(view.attributes, VOLUMES_DIR_INODE + 1) == errno.ENOENT
+    assert _errno(view.attributes, METRICS_INODE + 1) == errno.ENOENT
     assert _errno(view.open_file, 999, os.O_RDONLY) == errno.ENOENT
-    assert _errno(view.open_file, VOLUMES_DIR_INODE + 1, os.O_RDONLY) == errno.ENOENT
+    assert _errno(view.open_file, METRICS_INODE + 1, os.O_RDONLY) == errno.ENOENT
 
 
 def test_stats_file_renders_the_counters() -> None:
