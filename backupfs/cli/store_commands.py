@@ -55,7 +55,7 @@ def _index_bucket(
 ) -> "Catalogue":
     from backupfs.remote.bucket import Bucket
     from backupfs.remote.target import open_target
-    from backupfs.store.bucket_indexer import index_bucket
+    from backupfs.remote.bucket_index import index_bucket
 
     opts = parse_options(args.o)
     target = open_target(args.store, opts)

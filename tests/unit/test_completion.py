@@ -128,7 +128,7 @@ def test_flags_belong_to_their_command() -> None:
 def test_flags_offered_where_no_argument_is_expected() -> None:
     assert complete("backupfs status ").replies == ["--json", "--help"]
     assert complete("backupfs mount http://h/ /mnt ").replies == [
-        "-f", "--foreground", "-o", "--help",
+        "-f", "--foreground", "-o", "--no-index", "--help",
     ]  # fmt: skip
 
 
@@ -180,7 +180,7 @@ def test_comma_list_leaves_out_names_already_given() -> None:
 
 def test_option_attached_to_dash_o() -> None:
     assert complete("backupfs mount -ocache_size=1G,re").replies == [
-        "1G,readahead=", "1G,request_size=", "1G,retries=",
+        "1G,readahead=", "1G,request_size=", "1G,retries=", "1G,region=",
     ]  # fmt: skip
     assert complete("backupfs mount -odeb").replies == ["-odebug"]
 
