@@ -28,6 +28,7 @@ RESTRICTED = {
     "pyfuse3": {"mount"},
     "httpx": {"remote"},
     "httpcore": {"remote"},
+    "prometheus_client": {"mount"},
 }
 MAX_LINES = 450
 
