@@ -54,8 +54,8 @@ def _index_bucket(
     args: argparse.Namespace, block_size: int, say: Callable[[str], None], maps: list[ParentMap]
 ) -> "Catalogue":
     from backupfs.remote.bucket import Bucket
-    from backupfs.remote.target import open_target
     from backupfs.remote.bucket_index import index_bucket
+    from backupfs.remote.target import open_target
 
     opts = parse_options(args.o)
     target = open_target(args.store, opts)
