@@ -350,6 +350,7 @@ def _make_user(rgw: RGW) -> None:
 
 
 from tests.support.rgw_clients import (  # noqa: E402  (they need RGW, defined above)
+    CATALOGUE,
     _allow_session_tokens,
     client,
     make_bucket,
@@ -357,7 +358,10 @@ from tests.support.rgw_clients import (  # noqa: E402  (they need RGW, defined a
     upload_tree,
 )
 
-__all__ = ["RGW", "client", "make_bucket", "session_token", "start_rgw", "stop_rgw", "upload_tree"]
+__all__ = [
+    "CATALOGUE", "RGW", "client", "make_bucket", "session_token", "start_rgw", "stop_rgw",
+    "upload_tree",
+]  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------
