@@ -59,6 +59,8 @@ async def one_run(url: str, layout: str, request: int) -> tuple[float, float, fl
         stats = Stats()
         store = StoreClient(made, url, config, stats)
         tree = await open_store(store, 64 << 10)
+        for host in list(tree.hosts):  # a split catalogue (format 3): hosts load on first use
+            await tree.load_path(host)
         image = tree.images()[0]
         assert isinstance(image, Image)
         await DigestLoader(store, 64 << 20).ensure(image)

@@ -58,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("ls", help="list hosts, snapshots and disks of a store")
     p.add_argument("url", metavar="URL", help="the store, http(s)://host/path/ or s3://bucket/prefix/")
+    p.add_argument("host", metavar="HOST", nargs="?", help="list this host only")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--no-index", action="store_true", help=NO_INDEX_HELP)
     p.add_argument(

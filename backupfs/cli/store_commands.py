@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from backupfs.cli.format import human, stats_lines
-from backupfs.errors import UsageError, UserError
+from backupfs.errors import EXIT_STORE, UsageError, UserError
 from backupfs.linux.tools import failure_reason
 from backupfs.options import MountOptions, parse_options, parse_size
 from backupfs.store.chains import ParentMap
@@ -93,7 +93,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
         enlarge_socket_reads,
         make_clients,
     )
-    from backupfs.remote.metadata import load_catalogue
+    from backupfs.remote.metadata import Listing, load_listing
     from backupfs.remote.target import open_target
     from backupfs.stats import Stats
     from backupfs.store.manifest import Catalogue
@@ -104,18 +104,25 @@ def cmd_ls(args: argparse.Namespace) -> int:
     target = open_target(args.url, opts)
     url, creds = target.url, target.creds
     _warn(creds.warnings)
+    host = getattr(args, "host", None)
     if opts.no_index:
-        return _print_catalogue(_discover(target, opts).catalogue, args.json)
+        found = _discover(target, opts).catalogue
+        listing = Listing(Catalogue(tuple(s for s in found.snapshots if host in (None, s.host))))
+    else:
+        config = ClientConfig.from_options(opts, s3=creds.aws is not None)
+        enlarge_socket_reads()
 
-    config = ClientConfig.from_options(opts, s3=creds.aws is not None)
-    enlarge_socket_reads()
+        async def fetch() -> Listing:
+            async with make_clients(config, creds) as clients:
+                return await load_listing(StoreClient(clients, url, config, Stats()), host)
 
-    async def fetch() -> Catalogue:
-        async with make_clients(config, creds) as clients:
-            return await load_catalogue(StoreClient(clients, url, config, Stats()))
-
-    catalogue = trio.run(fetch)  # checked: names are UTF-8, times and sizes int64
-    return _print_catalogue(catalogue, args.json)
+        listing = trio.run(fetch)  # checked: names are UTF-8, times and sizes int64
+    if host is not None and not listing.catalogue.snapshots and not listing.errors:
+        raise UserError(f"no host {_shown(host)} in the store")
+    _print_catalogue(listing.catalogue, args.json)
+    for error in listing.errors:  # the hosts whose part is refused: the rest is listed
+        print(f"backupfs: {error}", file=sys.stderr, flush=True)
+    return EXIT_STORE if listing.errors else 0
 
 
 def _print_catalogue(catalogue: "Catalogue", as_json: bool) -> int:

@@ -114,7 +114,7 @@ async def serve(
             store = StoreClient(clients, url, client_config, stats)
             digests = DigestLoader(store, opts.digest_cache_bytes)
             if discovered is None:
-                tree = await open_store(store, opts.block_size)
+                tree = await open_store(store, opts.block_size, refresh_s=opts.catalogue_refresh)
             else:  # an unindexed store (-o no_index), found by the command's listing
                 tree = build_tree(discovered.catalogue, url, opts.block_size)
                 unverified(tree.stored_images(), url, discovered)

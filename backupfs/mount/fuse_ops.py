@@ -20,7 +20,7 @@ import trio
 from backupfs.errors import FetchError, StoreError
 from backupfs.mount import control
 from backupfs.mount.fill import Filler
-from backupfs.mount.tree import Tree
+from backupfs.mount.tree import ROOT_INODE, Tree
 from backupfs.mount.view import Attributes, ControlFile, ImageFile, MountView, ViewError
 from backupfs.readpath.blocks import background_reads
 from backupfs.readpath.readahead import ReadaheadConfig, StreamTracker
@@ -133,10 +133,42 @@ class BackupFsOps(pyfuse3.Operations):
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         return _entry_attributes(self.view.attributes(inode))
 
+    def _host_of(self, inode: int) -> str | None:
+        """The host a host or snapshot directory is of, if its tree fills hosts on demand."""
+        tree = self.view.tree
+        if tree.loader is None:
+            return None
+        host = tree.host_name(inode)
+        if host is None and inode in tree.nodes:
+            host = tree.host_name(tree.nodes[inode].parent)
+        return host
+
+    async def _loaded(self, inode: int) -> None:
+        """A host or snapshot directory's entries are in the tree (mount/catalogue.py)."""
+        host = self._host_of(inode)
+        loader = self.view.tree.loader
+        if host is not None and loader is not None:
+            await loader.ensure_host(host)
+
+    async def _refreshed(self, inode: int) -> bool:
+        """The catalogue read again (at most every catalogue_refresh= seconds) before the
+        root or a host directory is listed or misses a name; whether it changed."""
+        loader = self.view.tree.loader
+        if loader is None or (inode != ROOT_INODE and self.view.tree.host_name(inode) is None):
+            return False
+        return await loader.refresh()
+
     @_replies
     async def lookup(
         self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
+        await self._loaded(parent_inode)
+        try:
+            return _entry_attributes(self.view.lookup(parent_inode, os.fsdecode(name)))
+        except ViewError as exc:
+            if exc.errno != errno.ENOENT or not await self._refreshed(parent_inode):
+                raise
+        await self._loaded(parent_inode)  # a snapshot new since the mount
         return _entry_attributes(self.view.lookup(parent_inode, os.fsdecode(name)))
 
     @_replies
@@ -146,6 +178,9 @@ class BackupFsOps(pyfuse3.Operations):
 
     @_replies
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        if start_id == 0:
+            await self._refreshed(fh)
+        await self._loaded(fh)
         for inode, name in self.view.entries(fh):
             if inode <= start_id:
                 continue

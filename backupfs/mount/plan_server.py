@@ -272,6 +272,7 @@ class PlanServer:
             await self._volume(head, stream)
             return
         rel, mode = channel.check_head(head)
+        await self.tree.load_path(rel)  # a host of a split catalogue is loaded on first use
         image = self._image(rel)
         self.plans += 1
         try:
@@ -283,8 +284,11 @@ class PlanServer:
             self.plans -= 1
 
     async def _volume(self, head: dict[str, object], stream: trio.SocketStream) -> None:
+        request = channel.check_volume(head)
+        for rel in {disk for _, _, areas in request.runs for disk, _ in areas}:
+            await self.tree.load_path(rel)  # a host of a split catalogue: loaded on first use
         try:
-            volume = self.tree.volumes.register(channel.check_volume(head), self._disk)
+            volume = self.tree.volumes.register(request, self._disk)
         except VolumeRefused as exc:
             raise PlanError(str(exc)) from None
         log.info("serving volume %s (%d bytes, %d runs)", volume.name, volume.size_bytes,

@@ -1,14 +1,21 @@
-"""The mounted tree `<host>/<snapshot>/<disk>.img` as plain data; it knows nothing of FUSE."""
+"""The mounted tree `<host>/<snapshot>/<disk>.img` as plain data; it knows nothing of FUSE.
+
+It only grows: hosts, snapshots and disks are added (at mount, when a host's part of the
+catalogue is first needed, when the catalogue changes), never changed or removed, so an
+inode, once given, keeps meaning the same file for the life of the mount.
+"""
 
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Protocol
 from urllib.parse import quote
 
 from backupfs.errors import ManifestError
 from backupfs.mount.volumes import VolumeTable
 from backupfs.store.chains import MAX_CHAIN_DEPTH
 from backupfs.store.image import ChainLink, Image, VirtualDisk, stored_images
-from backupfs.store.manifest import Catalogue, DiskEntry, digests_path, image_path
+from backupfs.store.manifest import Catalogue, DiskEntry, SnapshotEntry, digests_path, image_path
 
 log = logging.getLogger(__name__)
 
@@ -22,6 +29,7 @@ class Node:
     mtime_ns: int
     children: dict[str, int] = field(default_factory=dict)  # name -> inode, for directories
     image: Image | VirtualDisk | None = None  # for files: a raw image, or a guest's disk
+    parent: int = 0  # the directory's inode (0 for the root)
 
     @property
     def is_dir(self) -> bool:
@@ -32,15 +40,32 @@ class Node:
         return self.image.size_bytes if self.image is not None else 0
 
 
+class HostLoader(Protocol):
+    """What fills a tree's hosts on demand (mount/catalogue.py): a store whose catalogue is
+    split by host (store format 3) is mounted with only its hosts' directories."""
+
+    async def ensure_host(self, host: str) -> None:
+        """Put the host's snapshots in the tree, if they are not there yet."""
+
+    async def refresh(self, force: bool = False) -> bool:
+        """Read the store's catalogue again, at most so often (unless `force`), and add
+        what is new; whether anything was added."""
+
+
 class Tree:
-    def __init__(self) -> None:
+    def __init__(self, base_url: str = "", block_size: int = 0) -> None:
         self.nodes: dict[int, Node] = {ROOT_INODE: Node(ROOT_INODE, "", 0)}
         self.volumes = VolumeTable()  # served under the control directory (volumes.py)
+        self.table = ImageTable(base_url, block_size)
+        self.hosts: dict[str, int] = {}  # host name -> its directory's inode
+        # Hosts whose snapshots are not in the tree yet -> how many the catalogue says
+        self.unloaded: dict[int, int] = {}
+        self.loader: HostLoader | None = None  # None: the tree holds the whole catalogue
 
     def add(
         self, parent: int, name: str, mtime_ns: int, image: Image | VirtualDisk | None = None
     ) -> Node:
-        node = Node(len(self.nodes) + 1, name, mtime_ns, image=image)
+        node = Node(len(self.nodes) + 1, name, mtime_ns, image=image, parent=parent)
         self.nodes[node.inode] = node
         parent_node = self.nodes[parent]
         parent_node.children[name] = node.inode
@@ -52,7 +77,8 @@ class Tree:
         return None if inode is None else self.nodes[inode]
 
     def find(self, rel: str) -> Node | None:
-        """The node at `rel` ("HOST/SNAPSHOT/DISK.img"), or None."""
+        """The node at `rel` ("HOST/SNAPSHOT/DISK.img"), or None. Only what is in the tree:
+        `load_path` first puts there the host that `rel` names."""
         node = self.nodes[ROOT_INODE]
         for name in rel.split("/"):
             found = self.lookup(node.inode, name)
@@ -61,17 +87,40 @@ class Tree:
             node = found
         return node
 
+    async def load_path(self, rel: str) -> None:
+        """Make sure the host that `rel` starts with is in the tree (a split catalogue's
+        host is fetched on first use); failures are left to `find` to answer None."""
+        host = rel.split("/", 1)[0]
+        if self.loader is not None and host in self.hosts:
+            try:
+                await self.loader.ensure_host(host)
+            except Exception as exc:  # refused or unreachable: logged where it was decided
+                log.debug("loading host %s for %s: %s", host, rel, exc)
+
     def path_of(self, inode: int) -> str | None:
-        """The path of a node ("HOST/SNAPSHOT/DISK.img"), or None: a walk of the tree."""
-        todo = [(ROOT_INODE, "")]
-        while todo:
-            here, path = todo.pop()
-            for name, child in self.nodes[here].children.items():
-                found = f"{path}/{name}" if path else name
-                if child == inode:
-                    return found
-                todo.append((child, found))
-        return None
+        """The path of a node ("HOST/SNAPSHOT/DISK.img"), or None."""
+        node = self.nodes.get(inode)
+        if node is None or inode == ROOT_INODE:
+            return None
+        names = []
+        while node.inode != ROOT_INODE:
+            names.append(node.name)
+            node = self.nodes[node.parent]
+        return "/".join(reversed(names))
+
+    def host_name(self, inode: int) -> str | None:
+        """The host whose directory `inode` is, or None."""
+        node = self.nodes.get(inode)
+        if node is None or node.parent != ROOT_INODE:
+            return None
+        return node.name
+
+    def subdirs(self, node: Node) -> int:
+        """How many directories `node` holds (for its link count): a host not yet loaded
+        counts the snapshots the catalogue gives it."""
+        if node.inode in self.unloaded:
+            return self.unloaded[node.inode]
+        return sum(self.nodes[i].is_dir for i in node.children.values())
 
     def images(self) -> list[Image | VirtualDisk]:
         """What each file serves."""
@@ -84,17 +133,62 @@ class Tree:
             seen.update((i.image_id, i) for i in stored_images(served))
         return list(seen.values())
 
+    def add_host(self, name: str, mtime_ns: int = 0, snapshots: int | None = None) -> Node:
+        """The host's directory (made if new); with `snapshots`, a host whose snapshots are
+        to be loaded later (`snapshots` is how many the catalogue says it has)."""
+        if name in self.hosts:
+            return self.nodes[self.hosts[name]]
+        node = self.add(ROOT_INODE, name, 0)
+        node.mtime_ns = mtime_ns
+        self.hosts[name] = node.inode
+        if snapshots is not None:
+            self.unloaded[node.inode] = snapshots
+        return node
 
-class _Images:
-    """One Image per stored file of the catalogue, by store path, shared by every chain."""
+    def add_snapshots(self, snapshots: Iterable[SnapshotEntry]) -> None:
+        """Add the snapshots and disks not in the tree yet; what is there stays as it is (a
+        disk whose entry changed keeps the one first served: its image may not change while
+        mounted). A disk whose chain is broken is left out, and logged."""
+        snapshots = list(snapshots)
+        self.table.register(snapshots)
+        for snap in snapshots:
+            host = self.add_host(snap.host)
+            self.unloaded.pop(host.inode, None)
+            snap_node = self.lookup(host.inode, snap.name)
+            if snap_node is None:
+                snap_node = self.add(host.inode, snap.name, snap.time_ns)
+            for disk in snap.disks:
+                path = f"{snap.host}/{snap.name}/{disk.name}"
+                if disk.served_name in snap_node.children:
+                    if self.table.entries.get(path) != disk:
+                        log.info("%s changed in the catalogue: still serving it as mounted", path)
+                    continue
+                try:
+                    served = self.table.served(path, disk, len(self.nodes) + 1)
+                except ManifestError as exc:
+                    log.error("%s", exc)
+                    continue
+                self.add(snap_node.inode, disk.served_name, snap.time_ns, served)
 
-    def __init__(self, catalogue: Catalogue, base_url: str, block_size: int) -> None:
+    def mark_loaded(self, host: str) -> None:
+        """The host's snapshots are all in the tree (it may have none left to add)."""
+        self.unloaded.pop(self.hosts[host], None)
+
+
+class ImageTable:
+    """One Image per stored file, by store path, shared by every chain; the catalogue's disk
+    entries by path (a chain's parent may be in another host: see mount/catalogue.py)."""
+
+    def __init__(self, base_url: str, block_size: int) -> None:
         self.base_url, self.block_size = base_url, block_size
         self.entries: dict[str, DiskEntry] = {}
-        for snap in catalogue.snapshots:
-            for disk in snap.disks:
-                self.entries[f"{snap.host}/{snap.name}/{disk.name}"] = disk
         self._made: dict[str, Image] = {}
+
+    def register(self, snapshots: Iterable[SnapshotEntry]) -> None:
+        """Know these disks' entries (the first one seen of a path stays)."""
+        for snap in snapshots:
+            for disk in snap.disks:
+                self.entries.setdefault(f"{snap.host}/{snap.name}/{disk.name}", disk)
 
     def image(self, path: str, disk: DiskEntry) -> Image:
         if path not in self._made:
@@ -133,21 +227,9 @@ class _Images:
 
 
 def build_tree(catalogue: Catalogue, base_url: str, block_size: int) -> Tree:
-    """One directory per host and snapshot; `block_size` 0 means each disk's store block
-    size. A disk whose chain the catalogue breaks is left out (and logged)."""
-    tree = Tree()
-    images = _Images(catalogue, base_url, block_size)
-    hosts: dict[str, int] = {}
-    for snap in catalogue.snapshots:
-        if snap.host not in hosts:
-            hosts[snap.host] = tree.add(ROOT_INODE, snap.host, 0).inode
-        snap_node = tree.add(hosts[snap.host], snap.name, snap.time_ns)
-        for disk in snap.disks:
-            path = f"{snap.host}/{snap.name}/{disk.name}"
-            try:
-                served = images.served(path, disk, len(tree.nodes) + 1)
-            except ManifestError as exc:
-                log.error("%s", exc)
-                continue
-            tree.add(snap_node.inode, disk.served_name, snap.time_ns, served)
+    """One directory per host and snapshot of a whole catalogue; `block_size` 0 means each
+    disk's store block size. A disk whose chain the catalogue breaks is left out (and
+    logged)."""
+    tree = Tree(base_url, block_size)
+    tree.add_snapshots(catalogue.snapshots)
     return tree

@@ -19,6 +19,9 @@ from backupfs.readpath.readahead import StreamTracker
 from backupfs.store.image import Served, Volume
 
 IMMUTABLE_TIMEOUT_S = 24 * 3600.0  # snapshots never change: cache names and attributes a day
+# The root and host directories gain entries when the catalogue does (mount/catalogue.py):
+# their names stay a day, their attributes (link count, mtime) a second.
+GROWING_DIR_ATTR_TIMEOUT_S = 1.0
 # Control files always had pyfuse3's default timeouts and st_blksize; kept as they were.
 CONTROL_TIMEOUT_S = 300.0
 CONTROL_BLKSIZE = 4096
@@ -235,9 +238,12 @@ class MountView:
         )
 
     def _node_attributes(self, node: Node) -> Attributes:
+        attr_timeout_s = IMMUTABLE_TIMEOUT_S
         if node.is_dir:
             mode = stat.S_IFDIR | self.dir_mode
-            nlink = 2 + sum(self.tree.nodes[i].is_dir for i in node.children.values())
+            nlink = 2 + self.tree.subdirs(node)
+            if node.inode == ROOT_INODE or node.parent == ROOT_INODE:
+                attr_timeout_s = GROWING_DIR_ATTR_TIMEOUT_S
         else:
             mode, nlink = stat.S_IFREG | self.file_mode, 1
         return Attributes(
@@ -251,5 +257,5 @@ class MountView:
             gid=self.gid,
             mtime_ns=node.mtime_ns,
             entry_timeout_s=IMMUTABLE_TIMEOUT_S,
-            attr_timeout_s=IMMUTABLE_TIMEOUT_S,
+            attr_timeout_s=attr_timeout_s,
         )

@@ -236,8 +236,8 @@ class BucketIndexer:
             entries.append(entry)
         catalogue = Catalogue(tuple(entries))
         self._upload(self.uploads)
-        self.bucket.put(manifest.CATALOGUE_NAME, manifest.dump_catalogue(catalogue),
-                        "application/json")  # fmt: skip
+        for path, data in manifest.catalogue_files(catalogue):  # host parts, the top last
+            self.bucket.put(path, data, "application/json")
         return catalogue
 
     def _upload(self, files: list[tuple[str, bytes]]) -> None:

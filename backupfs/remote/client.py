@@ -402,3 +402,39 @@ class StoreClient:
             raise
         self.stats.bytes_fetched += size
         return blocks
+
+    async def get_metadata_reply(
+        self, path: str, limit: int, etag: str | None = None
+    ) -> tuple[bytes, httpx.Headers] | None:
+        """A whole metadata file and the reply's headers (its ETag, Content-Type); None when
+        `etag` is given and the server answers 304 Not Modified. At most `limit + 1` bytes of
+        the body are read: a longer body is cut there, so that the caller sees it is too long
+        without taking it all. Failures become one-line StoreErrors."""
+        url = self.url(path)
+        headers = {"If-None-Match": etag} if etag else {}
+
+        async def attempt() -> tuple[bytes, httpx.Headers] | None:
+            chunks: list[bytes] = []
+            size = 0
+
+            def sink(chunk: bytes) -> None:
+                nonlocal size
+                chunks.append(chunk[: limit + 1 - size])
+                size += len(chunks[-1])
+                if size > limit:
+                    raise FetchError(f"larger than {limit} bytes", transient=False, status=200)
+
+            try:
+                reply = await self._get(url, headers, max(limit, MAX_METADATA_BYTES), sink)
+            except FetchError as exc:
+                if exc.status == 304 and etag:
+                    return None
+                if size > limit:
+                    return b"".join(chunks), httpx.Headers()
+                raise
+            return b"".join(chunks), reply
+
+        try:
+            return await self.with_retries(attempt, redact(url))
+        except FetchError as exc:
+            raise StoreError(f"cannot read {redact(url)}: {exc}") from None

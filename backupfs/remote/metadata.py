@@ -1,11 +1,15 @@
-"""Store metadata over HTTP: the catalogue, and each disk's digests made ready on first open."""
+"""Store metadata over HTTP: the catalogue (whole, or its top level and each host's part), and
+each disk's digests made ready on first open."""
 
 import hashlib
 import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TypeVar
 
 import trio
 
-from backupfs.errors import FetchError, ManifestError
+from backupfs.errors import FetchError, ManifestError, StoreError
 from backupfs.remote.client import MAX_METADATA_BYTES, StoreClient, redact
 from backupfs.remote.digests import ChunkCache, ChunkedDigests, LoadedDigests
 from backupfs.store import digestfile, manifest
@@ -13,25 +17,143 @@ from backupfs.store.image import BlockDigests, Image, Served, stored_images
 from backupfs.units import human
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 # What a server sends instead of a catalogue: an HTML page, an XML error (S3). Static
 # servers without a MIME table send JSON as application/octet-stream, so that is no sign.
 _NOT_JSON = frozenset({"text/html", "application/xhtml+xml", "text/xml", "application/xml"})
 
 
-async def load_catalogue(store: StoreClient) -> manifest.Catalogue:
-    data, content_type = await store.get_metadata_typed(
-        manifest.CATALOGUE_NAME, manifest.MAX_CATALOGUE_BYTES
-    )
+# Parsed in a worker thread above this size: the mount keeps answering meanwhile.
+_PARSE_INLINE_BYTES = 256 << 10
+
+
+@dataclass(frozen=True)
+class TopLevel:
+    """`backupfs-store.json` as fetched: a whole catalogue (versions 1, 2) or the hosts of a
+    split one (3), with what tells a later fetch whether it changed."""
+
+    catalogue: manifest.Catalogue | manifest.HostIndex
+    etag: str | None
+    sha256: str  # of its bytes: compared when the server gives no ETag
+
+
+async def _parsed(parse: Callable[[], T], size: int) -> T:
+    if size <= _PARSE_INLINE_BYTES:
+        return parse()
+    return await trio.to_thread.run_sync(parse)
+
+
+async def load_top_level(store: StoreClient, etag: str | None = None) -> TopLevel | None:
+    """The store's catalogue, or only its top level (version 3: its host parts are read by
+    load_host); None when `etag` is given and the file has not changed since."""
+    path, limit = manifest.CATALOGUE_NAME, manifest.MAX_CATALOGUE_BYTES
+    url = redact(store.url(path))
+    reply = await store.get_metadata_reply(path, limit, etag)
+    if reply is None:
+        return None
+    data, headers = reply
+    if len(data) > limit:
+        raise StoreError(f"cannot read {url}: larger than {limit} bytes")
     try:
-        return manifest.parse_catalogue(data)
+        parsed = await _parsed(lambda: manifest.parse_store_catalogue(data), len(data))
     except ManifestError as exc:
-        url = redact(store.url(manifest.CATALOGUE_NAME))
-        kind = content_type.split(";")[0].strip()
+        kind = headers.get("Content-Type", "").split(";")[0].strip()
         if kind in _NOT_JSON:  # an error page, a directory listing, a login form
             raise ManifestError(
                 f"{url}: got {kind}, not a store catalogue (is this the store's URL?)"
             ) from None
         raise ManifestError(f"{url}: {exc}") from None
+    return TopLevel(parsed, headers.get("ETag"), hashlib.sha256(data).hexdigest())
+
+
+def _check_part(data: bytes, host: manifest.HostEntry) -> None:
+    what = f"the catalogue of host {host.name}"
+    if len(data) > host.catalogue_size:
+        raise ManifestError(
+            f"{what} is larger than the {host.catalogue_size} bytes the store catalogue says"
+        )
+    if len(data) != host.catalogue_size:
+        raise ManifestError(
+            f"{what} is {len(data)} bytes, the store catalogue says {host.catalogue_size}"
+        )
+    if hashlib.sha256(data).hexdigest() != host.catalogue_sha256:
+        raise ManifestError(f"{what} does not match the store catalogue (SHA-256)")
+
+
+async def load_host(
+    store: StoreClient, host: manifest.HostEntry
+) -> tuple[manifest.SnapshotEntry, ...]:
+    """A host's snapshots, from its part of a version 3 catalogue: checked against the top
+    level (size, SHA-256) before it is parsed, and fetched once more when it does not match,
+    as a transfer error would be. ManifestError (one line, naming the part's URL and the
+    host) when it is refused; StoreError when it cannot be fetched."""
+    url = redact(store.url(host.path))
+    for attempt in range(2):
+        reply = await store.get_metadata_reply(host.path, host.catalogue_size)
+        assert reply is not None  # no ETag given: never "not modified"
+        data = reply[0]
+        try:
+            _check_part(data, host)
+            break
+        except ManifestError as exc:
+            store.stats.verify_failures += 1
+            if attempt:
+                raise ManifestError(f"{url}: {exc}") from None
+            log.info("%s: %s; fetching it again", url, exc)
+    try:
+        return await _parsed(lambda: manifest.parse_host_catalogue(data, host), len(data))
+    except ManifestError as exc:
+        raise ManifestError(f"{url}: {exc}") from None
+
+
+@dataclass
+class Listing:
+    """What `backupfs ls` shows: the snapshots read, and a line for each host refused."""
+
+    catalogue: manifest.Catalogue
+    errors: list[str] = field(default_factory=list)
+
+
+async def load_listing(store: StoreClient, only_host: str | None = None) -> Listing:
+    """The whole catalogue (or one host's part of it): a version 3 store's host parts are
+    fetched in parallel (as many at once as the client has connections). A host whose part is
+    refused, or cannot be read, is left out with its one line in `errors`."""
+    top = await load_top_level(store)
+    assert top is not None
+    if isinstance(top.catalogue, manifest.Catalogue):
+        snaps = top.catalogue.snapshots
+        if only_host is not None:
+            snaps = tuple(s for s in snaps if s.host == only_host)
+        return Listing(manifest.Catalogue(snaps))
+    index = top.catalogue
+    hosts = [h for h in index.hosts if only_host in (None, h.name)]
+    errors = [message for name, message in index.refused if only_host in (None, name)]
+    found: dict[str, tuple[manifest.SnapshotEntry, ...]] = {}
+    failed: dict[str, str] = {}
+    limiter = trio.CapacityLimiter(store.config.connections)
+
+    async def fetch(host: manifest.HostEntry) -> None:
+        async with limiter:
+            try:
+                found[host.name] = await load_host(store, host)
+            except StoreError as exc:
+                failed[host.name] = str(exc)
+
+    async with trio.open_nursery() as nursery:
+        for host in hosts:
+            nursery.start_soon(fetch, host)
+    snaps = tuple(s for h in hosts if h.name in found for s in found[h.name])
+    return Listing(manifest.Catalogue(snaps), errors + [failed[h.name] for h in hosts
+                                                       if h.name in failed])  # fmt: skip
+
+
+async def load_catalogue(store: StoreClient) -> manifest.Catalogue:
+    """The store's whole catalogue, every host part of it read (version 3); ManifestError or
+    StoreError when any of it is refused."""
+    listing = await load_listing(store)
+    if listing.errors:
+        raise ManifestError(listing.errors[0])
+    return listing.catalogue
 
 
 def _checked(data: bytes, expected_sha256: str, expected_size: int, what: str) -> bytes:

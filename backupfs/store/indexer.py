@@ -11,6 +11,7 @@ import hashlib
 import logging
 import os
 import re
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,7 @@ from backupfs.store.probing import find_images
 log = logging.getLogger(__name__)
 DEFAULT_BLOCK_SIZE = 64 << 10  # small reads fetch little; bench/run.py: no loss for large ones
 IMAGE_SUFFIX = ".img"
+_NAME_MAX = 255  # bytes in a file name
 _SNAPSHOT_TIME = re.compile(r"(\d{4})-(\d{2})-(\d{2})(?:[T_ ](\d{2}):?(\d{2})(?::?(\d{2}))?)?Z?")
 
 
@@ -211,7 +213,9 @@ def index_store(
     found: list[_Snapshot] = []
     _skip_stray_files(store, "not in a host directory", say)
     for host_dir in sorted(p for p in store.iterdir() if p.is_dir()):
-        if not _usable_name(host_dir, "host", say):
+        if host_dir.name == manifest.META_DIR:  # the catalogue's host parts
+            continue
+        if not _usable_name(host_dir, "host", say) or not _part_fits(host_dir, say):
             continue
         _skip_stray_files(host_dir, "not in a snapshot directory", say)
         for snap_dir in sorted(p for p in host_dir.iterdir() if p.is_dir()):
@@ -222,5 +226,54 @@ def index_store(
                 found.append(snap)
     _resolve_parents(found, parent_maps or [], say)
     catalogue = Catalogue(tuple(_entry(s, store) for s in found if s.disks))
-    write_atomic(store / manifest.CATALOGUE_NAME, manifest.dump_catalogue(catalogue))
+    write_catalogue(store, catalogue)
     return catalogue
+
+
+def _part_fits(host_dir: Path, say: Callable[[str], None]) -> bool:
+    """A host's catalogue part is named after it, `.json` added: that must be a file name."""
+    part = Path(manifest.host_catalogue_path(host_dir.name)).name
+    if len(part.encode()) > _NAME_MAX:
+        longest = _NAME_MAX - len(manifest.HOST_PART_SUFFIX)
+        say(f"skipped {host_dir}: a host name of over {longest} bytes leaves no room for the "
+            "name of its catalogue part")  # fmt: skip
+        return False
+    return True
+
+
+def _replace(path: Path, data: bytes) -> None:
+    """write_atomic with a short temporary name: a host part's own name may be 255 bytes."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".part")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # as open() makes the files write_atomic writes
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def write_catalogue(store: Path, catalogue: Catalogue) -> None:
+    """The catalogue in store format 3: each host's part, then the top level, each written
+    atomically (a part that is already as it should be is left alone: its ETag stays). The
+    parts of hosts no longer in the store are removed once the top level no longer names
+    them."""
+    hosts_dir = store / manifest.HOSTS_DIR
+    hosts_dir.mkdir(parents=True, exist_ok=True)
+    written = set()
+    for rel, data in manifest.catalogue_files(catalogue):
+        path = store / rel
+        written.add(path.name)
+        try:
+            if path.read_bytes() == data:
+                continue
+        except OSError:
+            pass
+        _replace(path, data)
+    for stale in hosts_dir.iterdir():
+        if stale.name.endswith(manifest.HOST_PART_SUFFIX) and stale.name not in written:
+            stale.unlink(missing_ok=True)

@@ -12,7 +12,9 @@ import pytest
 
 from backupfs.errors import EXIT_STORE
 from backupfs.plan.channel import socket_address
+from backupfs.store import manifest
 from tests.integration.conftest import SMALL, Store
+from tests.support.catalogue import read_store_catalogue
 from tests.support.mounting import mounted, run_cli, sha256_file
 from tests.support.system import is_mounted, unmount
 
@@ -89,7 +91,7 @@ def test_hostile_plan_messages_leave_the_mount_serving(
 
 def _hostile_catalogue(store: Store, case: str) -> bytes:
     """The store's own catalogue of web02 (whose image is there to probe), made hostile."""
-    doc = json.loads((store.root / "backupfs-store.json").read_bytes())
+    doc = json.loads(manifest.dump_catalogue(read_store_catalogue(store.root)))  # as version 2
     doc["snapshots"] = [s for s in doc["snapshots"] if s["host"] == "web02"]
     disks = doc["snapshots"][0]["disks"]
     if case == "size":

@@ -19,6 +19,7 @@ import pytest
 from backupfs.store import manifest
 from tests.support import vhdwriter
 from tests.support.attachment import attach_env, attached
+from tests.support.catalogue import read_store_catalogue
 from tests.support.fsimages import _loop_mounted, run_tool
 from tests.support.kernel import needs_filesystems
 from tests.support.mounting import mounted, read_stats, run_cli, sha256_file
@@ -164,7 +165,7 @@ def _delta_chains(store: Path, raws: list[Path], work: Path) -> None:
 
 
 def _catalogue(store: Path) -> dict[str, dict[str, object]]:
-    doc = json.loads((store / manifest.CATALOGUE_NAME).read_text())
+    doc = json.loads(manifest.dump_catalogue(read_store_catalogue(store)))  # version 3 read
     return {f"{s['host']}/{s['name']}/{d['name']}": d for s in doc["snapshots"] for d in s["disks"]}
 
 

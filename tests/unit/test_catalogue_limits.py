@@ -127,10 +127,10 @@ async def test_what_the_catalogue_lets_through_the_daemon_serves() -> None:
 
 
 def _ls(monkeypatch: pytest.MonkeyPatch, data: bytes, *args: str) -> int:
-    async def load(store: object) -> Catalogue:
-        return manifest.parse_catalogue(data)
+    async def load(store: object, host: str | None = None) -> metadata.Listing:
+        return metadata.Listing(manifest.parse_catalogue(data))
 
-    monkeypatch.setattr(metadata, "load_catalogue", load)
+    monkeypatch.setattr(metadata, "load_listing", load)
     return main(["ls", *args, "https://store.invalid/"])
 
 

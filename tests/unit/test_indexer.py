@@ -7,6 +7,8 @@ The format of what it writes is tested in test_manifest.py.
 import calendar
 import hashlib
 import os
+import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -14,6 +16,7 @@ import pytest
 from backupfs.errors import UserError
 from backupfs.store import digestfile, indexer, manifest
 from backupfs.store.manifest import Catalogue
+from tests.support.catalogue import read_store_catalogue
 
 BS = 4096
 
@@ -104,7 +107,7 @@ def store(tmp_path: Path) -> tuple[Path, dict[str, bytes]]:
 
 
 def _check_indexed(root: Path, images: dict[str, bytes], cat: Catalogue) -> None:
-    assert manifest.parse_catalogue((root / manifest.CATALOGUE_NAME).read_bytes()) == cat
+    assert read_store_catalogue(root) == cat
     listed = {f"{s.host}/{s.name}/{d.name}": (s, d) for s in cat.snapshots for d in s.disks}
     assert sorted(listed) == sorted(images)
     for rel, data in images.items():
@@ -241,10 +244,66 @@ def test_index_store_refuses_a_missing_directory(tmp_path: Path) -> None:
 def test_empty_store_gives_an_empty_catalogue(tmp_path: Path) -> None:
     cat = indexer.index_store(tmp_path, block_size=BS, say=Say())
     assert cat == Catalogue(())
-    assert manifest.parse_catalogue((tmp_path / manifest.CATALOGUE_NAME).read_bytes()) == cat
+    assert read_store_catalogue(tmp_path) == cat
 
 
 def test_catalogue_written_by_index_can_be_read_back_for_old_dates(tmp_path: Path) -> None:
     _write(tmp_path / "host/1969-07-20/sda.img", os.urandom(100))
     indexer.index_store(tmp_path, block_size=BS, say=Say())
-    manifest.parse_catalogue((tmp_path / manifest.CATALOGUE_NAME).read_bytes())
+    read_store_catalogue(tmp_path)
+
+
+def test_index_writes_version_3_host_parts_then_the_top_level(
+    store: tuple[Path, dict[str, bytes]],
+) -> None:
+    root, images = store
+    cat = indexer.index_store(root, block_size=BS, say=Say())
+    top = manifest.parse_store_catalogue((root / manifest.CATALOGUE_NAME).read_bytes())
+    assert isinstance(top, manifest.HostIndex)
+    assert [h.name for h in top.hosts] == ["alpha", "beta"]
+    assert [h.snapshots for h in top.hosts] == [1, 1] and top.hosts[0].block_sizes == (BS,)
+    assert top.probe == manifest.ProbeEntry("alpha/2026-11-20T0300Z/sda.img", 3 * BS + 100)
+    assert sorted(p.name for p in (root / manifest.HOSTS_DIR).iterdir()) == [
+        "alpha.json",
+        "beta.json",
+    ]
+    files = manifest.catalogue_files(cat)
+    assert [rel for rel, _ in files] == [
+        ".backupfs/hosts/alpha.json",
+        ".backupfs/hosts/beta.json",
+        "backupfs-store.json",
+    ]
+    assert all((root / rel).read_bytes() == data for rel, data in files)
+    # Run again with nothing changed: the parts are left as they are (their ETags stay).
+    before = {p.name: p.stat().st_mtime_ns for p in (root / manifest.HOSTS_DIR).iterdir()}
+    time.sleep(0.01)
+    indexer.index_store(root, block_size=BS, say=Say())
+    after = {p.name: p.stat().st_mtime_ns for p in (root / manifest.HOSTS_DIR).iterdir()}
+    assert after == before
+
+
+def test_the_part_of_a_host_gone_from_the_store_is_removed(
+    store: tuple[Path, dict[str, bytes]],
+) -> None:
+    root, images = store
+    indexer.index_store(root, block_size=BS, say=Say())
+    shutil.rmtree(root / "beta")
+    say = Say()
+    cat = indexer.index_store(root, block_size=BS, say=say)
+    assert {s.host for s in cat.snapshots} == {"alpha"}
+    assert [p.name for p in (root / manifest.HOSTS_DIR).iterdir()] == ["alpha.json"]
+    assert read_store_catalogue(root) == cat
+    assert not [line for line in say.lines if line.startswith("skipped ")]  # not .backupfs
+
+
+def test_a_host_name_with_no_room_for_its_part_is_skipped(tmp_path: Path) -> None:
+    _write(tmp_path / ("h" * 251) / "s" / "sda.img", b"x" * 100)
+    _write(tmp_path / ("h" * 250) / "s" / "sda.img", b"y" * 100)
+    say = Say()
+    cat = indexer.index_store(tmp_path, block_size=BS, say=say)
+    assert [s.host for s in cat.snapshots] == ["h" * 250]
+    assert say.lines[-1] == (
+        f"skipped {tmp_path}/{'h' * 251}: a host name of over 250 bytes leaves no room for "
+        "the name of its catalogue part"
+    )
+    assert read_store_catalogue(tmp_path) == cat

@@ -15,7 +15,7 @@ from backupfs.store.manifest import Catalogue, DiskEntry, SnapshotEntry
 
 BS = 4096
 HEX = "ab" * 32
-UNSUPPORTED = "is not supported (this backupfs reads 1 and 2)"
+UNSUPPORTED = "is not supported (this backupfs reads 1, 2 and 3)"
 
 
 def _catalogue() -> Catalogue:
@@ -122,7 +122,8 @@ def test_duplicate_snapshot_rejected() -> None:
     [
         ({"format": "other"}, "malformed store metadata: not a backupfs store catalogue"),
         ({"format": None}, "malformed store metadata: not a backupfs store catalogue"),
-        ({"version": 3}, f"store format version 3 {UNSUPPORTED}"),
+        ({"version": 4}, f"store format version 4 {UNSUPPORTED}"),
+        ({"version": 3}, "malformed store metadata: hosts is not a list"),
         ({"version": "1"}, f"store format version '1' {UNSUPPORTED}"),
         ({"version": None}, f"store format version None {UNSUPPORTED}"),
         ({"snapshots": {}}, "malformed store metadata: snapshots is not a list"),
