@@ -4,6 +4,8 @@ Every request is signed by backupfs's own SigV4 signer and checked by RGW; the o
 put there with botocore, an independent client.
 """
 
+import datetime
+import errno
 import json
 import os
 import uuid
@@ -11,8 +13,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import pytest
 
+from backupfs.remote.s3 import AwsKeys, SigV4
+from backupfs.remote.s3errors import s3_error
 from tests.support.attachment import attach_env, attached
 from tests.support.fsimages import PartSpec, make_fs_image
 from tests.support.mounting import daemon_pids, mounted, run_cli, sha256_file
@@ -184,3 +189,43 @@ def test_no_index_from_the_bucket_listing(bucket: Bucket, mnt: Path) -> None:
             assert sha256_file(mnt / rel) == digest
         stats = json.loads((mnt / ".backupfs" / "stats").read_text())
         assert stats["unverified_disks"] >= 2
+
+
+def test_an_object_replaced_under_an_unindexed_mount_gives_eio(bucket: Bucket, mnt: Path) -> None:
+    key = "store/web03/2026-11-23T0300Z/disk0.img"
+    s3 = client(bucket.rgw)
+    s3.put_object(Bucket=bucket.name, Key=key, Body=os.urandom(24 << 20))
+    options = (bucket.options, "no_index", "cache_size=32M", "readahead=1M", "fill=off")
+    with mounted(bucket.url, mnt, *options):
+        path = mnt / "web03/2026-11-23T0300Z/disk0.img"
+        with open(path, "rb") as f:
+            f.read(64 << 10)
+        s3.put_object(Bucket=bucket.name, Key=key, Body=os.urandom(24 << 20))  # a new ETag
+        with open(path, "rb") as f, pytest.raises(OSError) as caught:
+            f.seek(20 << 20)
+            f.read(64 << 10)
+        assert caught.value.errno == errno.EIO
+    s3.delete_object(Bucket=bucket.name, Key=key)
+
+
+def test_a_skewed_clock_is_named_in_the_line(bucket: Bucket) -> None:
+    """RGW's own reply to a request signed 20 minutes in the past, through our mapping."""
+    keys = AwsKeys(bucket.rgw.access_key, bucket.rgw.secret_key)
+    request = httpx.Request("GET", f"{bucket.rgw.endpoint}/{bucket.name}/store/{SNAP2}/disk0.img")
+    skewed = datetime.datetime.now(datetime.UTC) - datetime.timedelta(minutes=20)
+    SigV4(keys, bucket.rgw.region).sign(request, skewed)
+    with httpx.Client() as http:
+        reply = http.send(request)
+    error = s3_error(reply.status_code, reply.content)
+    assert error is not None and str(error).startswith("RequestTimeTooSkewed: ")
+    assert "clock" in str(error)
+
+
+def test_the_log_holds_no_secret(indexed: Bucket, mnt: Path, tmp_path: Path) -> None:
+    log_file = tmp_path / "backupfs.log"
+    with mounted(indexed.url, mnt, indexed.options, "debug", f"log_file={log_file}"):
+        assert sha256_file(mnt / SNAP2 / "disk0.img") == indexed.sha[f"{SNAP2}/disk0.img"]
+    text = log_file.read_text()
+    assert "GET" in text or "mounted" in text  # the log was written
+    assert indexed.rgw.secret_key not in text
+    assert "Signature=" not in text and "Authorization" not in text
