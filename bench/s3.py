@@ -1,13 +1,14 @@
 """The same store through Ceph RGW (native S3, SigV4) and through nginx, side by side.
 
-    python3 bench/s3.py [--runs 3] [--image-mib 1024] [--tree-files 800] [--keep DIR]
+    python3 bench/s3.py [--runs 3] [--image-mib 384] [--fs-mib 512] [--tree-files 400]
 
 Builds a store of two disks: a raw image of random data (sequential read) and an ext4
 image holding a generated tree (restore through attach). Each run, in turn for nginx and
 for RGW (both on loopback, page cache dropped before each cold step): `index` of the
 local directory vs `index s3://` of the bucket (hashing by ranged GETs), a sequential
 read of the raw image through the mount, and `backupfs restore` of the tree from the
-attached ext4 image. Prints medians; needs root and Ceph RGW (contrib/setup-rgw.sh).
+attached ext4 image. Prints medians; needs root and Ceph RGW (contrib/setup-rgw.sh). The
+test RGW keeps its objects in a 2 GiB BlueStore file: both images must fit in it.
 """
 
 import argparse
@@ -39,7 +40,7 @@ def timed(argv: list[str], env: dict[str, str] | None = None) -> float:
     return time.monotonic() - start
 
 
-def build(work: Path, image_mib: int, tree_files: int) -> Path:
+def build(work: Path, image_mib: int, fs_mib: int, tree_files: int) -> Path:
     store = work / "store"
     raw = store / RAW
     raw.parent.mkdir(parents=True)
@@ -47,7 +48,7 @@ def build(work: Path, image_mib: int, tree_files: int) -> Path:
         for _ in range(image_mib):
             f.write(os.urandom(1 << 20))
     make_tree(work / "tree", seed=5, files=tree_files, special=False)
-    make_fs_image(store / FS, PartSpec("ext4", 1024, tree=work / "tree"))
+    make_fs_image(store / FS, PartSpec("ext4", fs_mib, tree=work / "tree"))
     return store
 
 
@@ -96,13 +97,14 @@ def served(store: Path, work: Path) -> Iterator[tuple[Nginx, RGW, str, str]]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--image-mib", type=int, default=1024)
-    parser.add_argument("--tree-files", type=int, default=800)
+    parser.add_argument("--image-mib", type=int, default=384)
+    parser.add_argument("--fs-mib", type=int, default=512)
+    parser.add_argument("--tree-files", type=int, default=400)
     args = parser.parse_args()
     os.chdir(ROOT)
     work = Path(tempfile.mkdtemp(prefix="bench-s3-"))
     try:
-        store = build(work, args.image_mib, args.tree_files)
+        store = build(work, args.image_mib, args.fs_mib, args.tree_files)
         size = sum(p.stat().st_size for p in store.rglob("*.img"))
         rows: dict[str, list[float]] = {}
         with served(store, work) as (nginx, rgw, s3_url, s3_options):
