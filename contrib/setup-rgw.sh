@@ -5,31 +5,12 @@
 set -euo pipefail
 
 packages=(radosgw ceph-mon ceph-osd ceph-common)
-missing=()
-for p in "${packages[@]}"; do
-    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
-done
+APT_WHO=setup-rgw
+# shellcheck source=contrib/apt.sh
+source "$(dirname "${BASH_SOURCE[0]}")/apt.sh"
+missing_packages "${packages[@]}"
 ((${#missing[@]})) || exit 0
 
-# Another apt or dpkg run (unattended-upgrades, contrib/setup.sh in a second shell) may hold
-# the lock: wait for it, up to two minutes, instead of failing at once.
-apt_wait() {
-    local out
-    for _ in $(seq 60); do
-        if out=$(DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=120 "$@" 2>&1); then
-            return 0
-        fi
-        if grep -qE "Could not get lock|Unable to lock|is held by process" <<<"$out"; then
-            echo "setup-rgw: waiting for another apt/dpkg run to finish"
-            sleep 2
-            continue
-        fi
-        echo "$out" >&2
-        return 1
-    done
-    echo "setup-rgw: apt stayed locked for two minutes" >&2
-    return 1
-}
 echo "setup-rgw: installing ${missing[*]}"
 apt_wait update -qq
 # The packages' own units (ceph-crash, the ceph-*.target) must not start daemons of the

@@ -9,29 +9,10 @@ cd "$(dirname "$0")/.."
 packages=(fuse3 libfuse3-dev pkg-config gcc nginx-light curl util-linux e2fsprogs
           xfsprogs dosfstools mtools btrfs-progs fdisk gdisk acl attr systemd openssl
           qemu-utils ntfs-3g exfat-fuse exfatprogs lvm2)
-missing=()
-for p in "${packages[@]}"; do
-    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
-done
-# Another apt or dpkg run (unattended-upgrades, a second shell) may hold the lock: wait for
-# it, up to two minutes, instead of failing at once.
-apt_wait() {
-    local out
-    for _ in $(seq 60); do
-        if out=$(DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=120 "$@" 2>&1); then
-            return 0
-        fi
-        if grep -qE "Could not get lock|Unable to lock|is held by process" <<<"$out"; then
-            echo "setup: waiting for another apt/dpkg run to finish"
-            sleep 2
-            continue
-        fi
-        echo "$out" >&2
-        return 1
-    done
-    echo "setup: apt stayed locked for two minutes" >&2
-    return 1
-}
+APT_WHO=setup
+# shellcheck source=contrib/apt.sh
+source "$(dirname "${BASH_SOURCE[0]}")/apt.sh"
+missing_packages "${packages[@]}"
 if ((${#missing[@]})); then
     echo "setup: installing ${missing[*]}"
     apt_wait update -qq
