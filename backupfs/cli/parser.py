@@ -3,7 +3,7 @@
 import argparse
 
 from backupfs import __version__
-from backupfs.cli import disk_commands, store_commands
+from backupfs.cli import disk_commands, history_commands, store_commands
 from backupfs.options import option_help
 from backupfs.store.indexer import DEFAULT_BLOCK_SIZE
 
@@ -82,6 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-index", action="store_true", help=NO_INDEX_HELP + " (-o no_index)")
     p.add_argument("-o", action="append", default=[], metavar="OPT,...", help="mount options")
     p.set_defaults(func=store_commands.cmd_mount)
+
+    _add_history_commands(sub)
 
     p = sub.add_parser("attach", help="open a disk image's filesystems read-only at TARGET/p<K>")
     p.add_argument(
@@ -198,3 +200,45 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="the raw JSON document")
     p.set_defaults(func=store_commands.cmd_stats)
     return parser
+
+
+def _history_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("store", metavar="STORE", help="http(s)://host/path/ or s3://bucket/prefix/")
+    p.add_argument("--stats", action="store_true", help="say how many bytes were fetched")
+    p.add_argument("-o", action="append", default=[], metavar="OPT,...",
+                   help="options as for mount (token_file=, endpoint=, ...)")  # fmt: skip
+
+
+def _add_history_commands(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+    """find, log, diff, cat: across snapshots, read in userspace (ext2/3/4, xfs)."""
+    p = sub.add_parser("find", help="every file matching a pattern, in every snapshot of a host")
+    _history_common(p)
+    p.add_argument("snapshots", metavar="HOST[/SNAPSHOT]")
+    p.add_argument("pattern", metavar="PATTERN",
+                   help="a glob: with a /, over the whole path (** spans directories); "
+                   "else over the name, as find -name")  # fmt: skip
+    p.add_argument("--hash", action="store_true", help="add each file's SHA-256 (reads it)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=history_commands.cmd_find)
+
+    p = sub.add_parser("log", help="the distinct versions of one path across a host's snapshots")
+    _history_common(p)
+    p.add_argument("host", metavar="HOST[/SNAPSHOT]")
+    p.add_argument("path", metavar="PATH")
+    p.add_argument("--hash", action="store_true",
+                   help="tell versions by content (SHA-256), not size, mtime and mode")  # fmt: skip
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=history_commands.cmd_log)
+
+    p = sub.add_parser("diff", help="what changed between two snapshots of a host (+ - M T U)")
+    _history_common(p)
+    p.add_argument("first", metavar="HOST/SNAPSHOT")
+    p.add_argument("second", metavar="HOST/SNAPSHOT")
+    p.add_argument("--path", default="/", help="compare below this directory only")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=history_commands.cmd_diff)
+
+    p = sub.add_parser("cat", help="one file of a snapshot to standard output")
+    _history_common(p)
+    p.add_argument("spec", metavar="HOST/SNAPSHOT/DISK[:pN]:/PATH")
+    p.set_defaults(func=history_commands.cmd_cat)

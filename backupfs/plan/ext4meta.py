@@ -276,6 +276,7 @@ class _Tree:
         self.seen: set[int] = set()
         self.end = 0  # logical block where the last extent ended
         self.out: list[tuple[int, int]] = []  # (physical block, count)
+        self.logical: list[int] = []  # the first logical block of each run of `out`
 
     def runs(self, root: bytes) -> list[tuple[int, int]]:
         depth = struct.unpack_from("<H", root, 6)[0]
@@ -315,6 +316,7 @@ class _Tree:
         if length <= _UNWRITTEN:
             self.fs._check_blocks(physical, count, f"data of inode {self.number}")
             self.out.append((physical, count))
+            self.logical.append(logical)
 
 
 def _u16(buf: bytes, at: int) -> int:

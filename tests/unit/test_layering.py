@@ -20,11 +20,14 @@ ALLOWED: dict[str, set[str]] = {
     "plan": {"linux", "attach"},
     "mount": {"linux", "store", "remote", "readpath", "plan"},
     "restore": {"linux", "attach", "plan"},
-    "cli": {"linux", "store", "remote", "readpath", "attach", "plan", "mount", "restore"},
+    "snapshots": {"linux", "store", "remote", "readpath", "plan", "mount"},
+    "cli": {
+        "linux", "store", "remote", "readpath", "attach", "plan", "mount", "restore", "snapshots",
+    },
 }
 # Third-party packages that only some layers may use.
 RESTRICTED = {
-    "trio": {"remote", "readpath", "mount", "cli"},
+    "trio": {"remote", "readpath", "mount", "snapshots", "cli"},
     "pyfuse3": {"mount"},
     "httpx": {"remote"},
     "httpcore": {"remote"},
