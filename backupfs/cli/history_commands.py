@@ -69,8 +69,11 @@ def _finish(report: "Report", as_json: bool, lines: Callable[[dict[str, object]]
     return EXIT_PARTIAL if report.errors else 0
 
 
-def _shown(row: dict[str, object]) -> str:
-    return f"{row['disk']}:{row['partition']}:{row['path']}"
+def _entry_line(lead: object, r: dict[str, object], where: str) -> str:
+    """One entry as find and log print it: what leads, type, mode, size, mtime, where."""
+    digest = f"  {r['sha256']}" if "sha256" in r else ""
+    return (f"{lead}  {r['type']:<7} {r['mode']} {human(int(str(r['size']))):>9}  "
+            f"{r['mtime']}  {where}{digest}")  # fmt: skip
 
 
 def cmd_find(args: argparse.Namespace) -> int:
@@ -82,9 +85,7 @@ def cmd_find(args: argparse.Namespace) -> int:
     report = _run(args, args.snapshots.partition("/")[0], job)
 
     def line(r: dict[str, object]) -> str:
-        digest = f"  {r['sha256']}" if "sha256" in r else ""
-        return (f"{r['snapshot']}  {r['type']:<7} {r['mode']} {human(int(str(r['size']))):>9}  "
-                f"{r['mtime']}  {_shown(r)}{digest}")  # fmt: skip
+        return _entry_line(r["snapshot"], r, f"{r['disk']}:{r['partition']}:{r['path']}")
 
     return _finish(report, args.json, line)
 
@@ -98,10 +99,8 @@ def cmd_log(args: argparse.Namespace) -> int:
     report = _run(args, args.host.partition("/")[0], job)
 
     def line(r: dict[str, object]) -> str:
-        digest = f"  {r['sha256']}" if "sha256" in r else ""
         span = r["first"] if r["first"] == r["last"] else f"{r['first']} .. {r['last']}"
-        return (f"{span}  {r['type']:<7} {r['mode']} {human(int(str(r['size']))):>9}  "
-                f"{r['mtime']}  {r['disk']}:{r['partition']}{digest}")  # fmt: skip
+        return _entry_line(span, r, f"{r['disk']}:{r['partition']}")
 
     return _finish(report, args.json, line)
 

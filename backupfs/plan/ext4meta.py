@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from backupfs.plan.extents import Extent
+from backupfs.plan.fsmeta import ModeKinds
 
 Read = Callable[[int, int], bytes]  # (offset in the image, length) -> bytes
 Range = tuple[int, int]  # [start, end) in the image
@@ -51,25 +52,13 @@ class Damaged(NotExt4):
 
 
 @dataclass(frozen=True)
-class Inode:
+class Inode(ModeKinds):
     number: int
     mode: int
     flags: int
     size: int
     block: bytes  # i_block: extent tree root, block map or inline data (60 bytes)
     xattr_block: int  # i_file_acl: the external xattr block, 0 if none
-
-    @property
-    def is_dir(self) -> bool:
-        return self.mode & S_IFMT == S_IFDIR
-
-    @property
-    def is_file(self) -> bool:
-        return self.mode & S_IFMT == S_IFREG
-
-    @property
-    def is_symlink(self) -> bool:
-        return self.mode & S_IFMT == S_IFLNK
 
     @property
     def inline(self) -> bool:

@@ -23,16 +23,10 @@ class FsError(Exception):
     """Not a filesystem this reader knows, or metadata it refuses (damaged or crafted)."""
 
 
-@dataclass(frozen=True)
-class FileInfo:
-    number: int  # inode number
-    mode: int  # st_mode: type and permission bits
-    size: int
-    mtime_ns: int
-    uid: int
-    gid: int
-    nlink: int
-    record: Range  # where the inode's own record lies in the image
+class ModeKinds:
+    """What an inode is, from its `mode` (shared by every reader's inode type)."""
+
+    mode: int
 
     @property
     def is_dir(self) -> bool:
@@ -45,6 +39,18 @@ class FileInfo:
     @property
     def is_symlink(self) -> bool:
         return self.mode & S_IFMT == S_IFLNK
+
+
+@dataclass(frozen=True)
+class FileInfo(ModeKinds):
+    number: int  # inode number
+    mode: int  # st_mode: type and permission bits
+    size: int
+    mtime_ns: int
+    uid: int
+    gid: int
+    nlink: int
+    record: Range  # where the inode's own record lies in the image
 
 
 @dataclass(frozen=True)
