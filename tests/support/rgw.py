@@ -26,8 +26,8 @@ connection still goes to 127.0.0.1: *.localhost does not resolve here).
 
 For benchmarks, a CLI that leaves the daemons running:
 
-    python3 -m tests.support.rgw start DIR    # one JSON line: endpoints, keys, region, sts
-    python3 -m tests.support.rgw stop DIR
+    python3 -m tests.support.rgw_cli start DIR    # one JSON line: endpoints, keys, region, sts
+    python3 -m tests.support.rgw_cli stop DIR
 """
 
 from __future__ import annotations
@@ -43,7 +43,6 @@ import secrets
 import shutil
 import signal
 import subprocess
-import sys
 import time
 import urllib.request
 import uuid
@@ -206,7 +205,7 @@ def start_rgw(root: Path, block_size: int = BLOCK_SIZE, detach: bool = False) ->
         _start(rgw, "mon")
         _wait_until(rgw, "the monitor's port", lambda: _port_open(mon_port))
         osd_uuid = str(uuid.uuid4())
-        _ceph_tool(root, "ceph", "--connect-timeout", "30", "osd", "new", osd_uuid)
+        _ceph_again(root, "--connect-timeout", "30", "osd", "new", osd_uuid)
         _ceph_tool(root, "ceph-osd", "-i", "0", "--mkfs", "--osd-uuid", osd_uuid)
         _start_and_wait(rgw, "osd", "the OSD", lambda: _osds_up(root) == 1)
         _start_and_wait(rgw, "rgw", "the gateway's HTTP", lambda: _answers_http(rgw.endpoint))
@@ -310,8 +309,27 @@ def _port_open(port: int) -> bool:
 
 
 def _osds_up(root: Path) -> int:
-    proc = _ceph_tool(root, "ceph", "--connect-timeout", "10", "osd", "stat", "-f", "json")
+    """OSDs up; 0 while the monitor refuses to answer (seen once in a while right after its
+    start: "Error EPERM: problem getting command descriptions from mon.")."""
+    try:
+        proc = _ceph_tool(root, "ceph", "--connect-timeout", "10", "osd", "stat", "-f", "json")
+    except RgwError as e:
+        log.info("RGW: %s; asking again", e)
+        return 0
     return int(json.loads(proc.stdout)["num_up_osds"])
+
+
+def _ceph_again(root: Path, *args: str) -> None:
+    """A `ceph` command that the monitor may refuse for a moment after its start."""
+    for attempt in range(10):
+        try:
+            _ceph_tool(root, "ceph", *args)
+            return
+        except RgwError as e:
+            if attempt == 9:
+                raise
+            log.info("RGW: %s; trying again", e)
+            time.sleep(1)
 
 
 def _answers_http(endpoint: str) -> bool:
@@ -392,51 +410,3 @@ def rgw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RGW]:
     finally:
         stop_rgw(server)
         remove_tree(root)
-
-
-# --------------------------------------------------------------------------------------------
-# the CLI for benchmarks
-
-
-def _running(root: Path) -> list[Daemon]:
-    """The daemons whose PID files are under `root` and that still run this cluster's
-    configuration (a PID that was reused by another program is left alone)."""
-    conf = str(root / "ceph.conf").encode()
-    found = []
-    for name in _DAEMONS:
-        try:
-            pid = int((root / "pids" / f"{name}.pid").read_text())
-            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        except (FileNotFoundError, ProcessLookupError, ValueError):
-            continue
-        if conf in argv:
-            found.append(Daemon(name, pid))
-    return found
-
-
-def main(argv: list[str]) -> int:
-    if len(argv) != 2 or argv[0] not in ("start", "stop"):
-        print("usage: python3 -m tests.support.rgw start|stop DIR", file=sys.stderr)
-        return 2
-    root = Path(argv[1]).resolve()
-    if argv[0] == "stop":
-        server = RGW("", "", "", REGION, root, daemons=_running(root))
-        stop_rgw(server)
-        return 0
-    reason = _why_not()
-    if reason is not None:
-        print(f"rgw: {reason}", file=sys.stderr)
-        return 1
-    try:
-        server = start_rgw(root, detach=True)
-    except RgwError as e:
-        print(f"rgw: {e}", file=sys.stderr)
-        return 1
-    print(json.dumps({"endpoint": server.endpoint, "access_key": server.access_key,
-                      "secret_key": server.secret_key, "region": server.region,
-                      "sts": server.sts, "sts_endpoint": server.sts_endpoint}))  # fmt: skip
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
