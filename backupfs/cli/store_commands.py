@@ -17,7 +17,7 @@ from backupfs.linux.tools import failure_reason
 from backupfs.options import MountOptions, parse_options, parse_size
 from backupfs.store.chains import ParentMap
 from backupfs.store.indexer import index_store
-from backupfs.units import plural
+from backupfs.units import plural, utc
 
 if TYPE_CHECKING:
     from backupfs.remote.discovery import Discovered
@@ -130,7 +130,7 @@ def _print_catalogue(catalogue: "Catalogue", as_json: bool) -> int:
         {
             "host": s.host,
             "snapshot": s.name,
-            "time": _utc(s.time_ns),
+            "time": utc(s.time_ns),
             "disk": d.name,
             "size_bytes": d.size_bytes,
         }
@@ -146,13 +146,6 @@ def _print_catalogue(catalogue: "Catalogue", as_json: bool) -> int:
         host, snap, disk = (_shown(str(r[k])) for k in ("host", "snapshot", "disk"))
         print(f"{host:<16} {snap:<22} {r['time']:<20} {disk:<16} {human(int(r['size_bytes'])):>10}")
     return 0
-
-
-def _utc(time_ns: int) -> str:
-    try:
-        return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time_ns // 10**9))
-    except (OverflowError, OSError, ValueError):  # beyond this platform's time_t
-        return f"@{time_ns // 10**9}"
 
 
 def _shown(name: str) -> str:

@@ -29,7 +29,7 @@ from backupfs.mount.fill import Filler, fill_budget
 from backupfs.mount.fuse_ops import BackupFsOps
 from backupfs.mount.opening import open_store
 from backupfs.mount.plan_server import PlanServer
-from backupfs.mount.tree import Tree, build_tree
+from backupfs.mount.tree import Tree
 from backupfs.options import MountOptions
 from backupfs.readpath.blocks import BlockReader, ReaderConfig
 from backupfs.readpath.cache import BlockCache
@@ -113,14 +113,12 @@ async def serve(
         async with make_clients(client_config, creds) as clients, trio.open_nursery() as nursery:
             store = StoreClient(clients, url, client_config, stats)
             digests = DigestLoader(store, opts.digest_cache_bytes)
-            if discovered is None:
-                tree = await open_store(store, opts.block_size, refresh_s=opts.catalogue_refresh)
-            else:  # an unindexed store (-o no_index), found by the command's listing
-                tree = build_tree(discovered.catalogue, url, opts.block_size)
+            listed = None if discovered is None else discovered.catalogue
+            tree = await open_store(store, opts.block_size, listed, opts.catalogue_refresh)
+            if discovered is not None:  # an unindexed store (-o no_index): no digests
                 unverified(tree.stored_images(), url, discovered)
                 stats.unverified_disks = len(tree.images())
                 log.warning("%s", UNVERIFIED)
-                await store.probe_range(tree.stored_images()[0])
             cache = BlockCache(opts.block_cache_bytes, stats)
             source: RangeSource = store
             if opts.cache_dir is not None:

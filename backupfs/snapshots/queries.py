@@ -6,7 +6,6 @@ others are still reported (`Report.errors`).
 """
 
 import stat
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -19,6 +18,7 @@ from backupfs.snapshots.filesystems import Filesystem, filesystems
 from backupfs.snapshots.session import Read, Session
 from backupfs.snapshots.walk import lookup, matches, walk
 from backupfs.store.manifest import SnapshotEntry
+from backupfs.units import utc
 
 PARALLEL_SNAPSHOTS = 4
 
@@ -47,13 +47,6 @@ def kind_of(info: FileInfo) -> str:
     return {stat.S_IFDIR: "dir", stat.S_IFREG: "file", stat.S_IFLNK: "symlink"}.get(
         stat.S_IFMT(info.mode), "other"
     )
-
-
-def utc(ns: int) -> str:
-    try:
-        return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ns // 10**9))
-    except (OverflowError, OSError, ValueError):
-        return f"@{ns // 10**9}"
 
 
 def row(place: Place, path: str, info: FileInfo) -> dict[str, object]:
