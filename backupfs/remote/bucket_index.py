@@ -22,13 +22,13 @@ from backupfs.remote.bucket import Bucket
 from backupfs.remote.listing import StoredObject
 from backupfs.store import manifest
 from backupfs.store.chains import ParentMap
-from backupfs.store.digestfile import INDEX_SUFFIX, ZERO_RECORD, chunk_index
+from backupfs.store.digestfile import INDEX_SUFFIX, ZERO_RECORD, chunk_index, record_of
 from backupfs.store.formats import registry
 from backupfs.store.formats.base import ParentRef, TableRead
 from backupfs.store.formats.local import drive_open
-from backupfs.store.indexer import _resolve_parents, _Snapshot, snapshot_time_ns
+from backupfs.store.indexer import IndexedSnapshot, resolve_parents, reused, snapshot_time_ns
 from backupfs.store.manifest import Catalogue, DiskEntry, SnapshotEntry
-from backupfs.store.probing import RAW_SUFFIXES
+from backupfs.store.probing import NOT_AN_IMAGE, stored_format
 
 PIECE_BYTES = 8 << 20  # one ranged GET while hashing
 MAX_SNAPSHOT_META_BYTES = 16 << 20
@@ -77,12 +77,8 @@ def _records(
 
     def hash_piece(start: int) -> bytes:
         data = bucket.get_range(key, start, min(start + piece, size), obj.etag, size)
-        out = []
-        for pos in range(0, len(data), block_size):
-            block = data[pos : pos + block_size]
-            zero = block == zeros[: len(block)]
-            out.append(ZERO_RECORD if zero else hashlib.sha256(block).digest())
-        return b"".join(out)
+        blocks = range(0, len(data), block_size)
+        return b"".join(record_of(data[pos : pos + block_size], zeros) for pos in blocks)
 
     records = b"".join(pool.map(hash_piece, range(0, size, piece)))
     assert len(records) == block_count(block_size, size) * len(ZERO_RECORD)
@@ -106,12 +102,11 @@ def _probe(bucket: Bucket, host: str, snap: str, name: str, listed: _Listed) -> 
     head = bucket.get_range(key, 0, min(registry.HEAD_BYTES, size), obj.etag, size) if size else b""
     tail_start = max(0, size - registry.TAIL_BYTES)
     tail = bucket.get_range(key, tail_start, size, obj.etag, size) if size else b""
-    fmt = registry.detect(head, tail, size)
-    if name.endswith(RAW_SUFFIXES[1]) or (fmt is None and name.endswith(RAW_SUFFIXES)):
-        return _Probe("raw")
+    fmt = stored_format(name, registry.detect(head, tail, size))
     if fmt is None:
-        return ("not a disk image (no qcow2, VMDK, VHD or VHDX header; raw images are "
-                "indexed by the names *.img and *.raw)")  # fmt: skip
+        return NOT_AN_IMAGE
+    if fmt == "raw":
+        return _Probe("raw")
     layer = registry.LAYERS[fmt](name, size)
     files = [name]
 
@@ -160,16 +155,10 @@ class BucketIndexer:
     ) -> DiskEntry:
         obj = listed.images[name]
         digest_name = f"{name}.sha256"
-        if (
-            old is not None
-            and (old.size_bytes, old.mtime_ns, old.block_size)
-            == (obj.size, obj.mtime_ns, self.block_size)
-            and old.digest_index_sha256 is not None
-            and digest_name in listed.meta
-            and digest_name + INDEX_SUFFIX in listed.meta
-        ):
-            return DiskEntry(old.name, old.size_bytes, old.mtime_ns, old.block_size,
-                             digest_index_sha256=old.digest_index_sha256)  # fmt: skip
+        there = digest_name in listed.meta and digest_name + INDEX_SUFFIX in listed.meta
+        kept = reused(old, obj.size, obj.mtime_ns, self.block_size, there)
+        if kept is not None:
+            return kept
         self.say(f"hashing {host}/{snap}/{name} ({obj.size} bytes)")
         key = manifest.image_path(host, snap, name)
         records = _records(self.bucket, key, obj, self.block_size, self.pool)
@@ -180,7 +169,7 @@ class BucketIndexer:
         return DiskEntry(name, obj.size, obj.mtime_ns, self.block_size,
                          digest_index_sha256=hashlib.sha256(index).hexdigest())  # fmt: skip
 
-    def snapshot(self, host: str, snap: str, listed: _Listed) -> _Snapshot | None:
+    def snapshot(self, host: str, snap: str, listed: _Listed) -> IndexedSnapshot | None:
         previous = self._previous(host, snap, listed)
         known = {d.name: d for d in previous.disks} if previous else {}
         probes: dict[str, _Probe] = {}
@@ -213,17 +202,17 @@ class BucketIndexer:
             disks.append(entry)
         if not disks:
             return None
-        return _Snapshot(host, snap, disks, parents, previous, ids)
+        return IndexedSnapshot(host, snap, disks, parents, previous, ids)
 
     def run(self, parent_maps: list[ParentMap]) -> Catalogue:
         objects = list(self.bucket.list())
-        found: list[_Snapshot] = []
+        found: list[IndexedSnapshot] = []
         for (host, name), listed in sorted(_group(objects, self.say).items()):
             if listed.images:
                 snapshot = self.snapshot(host, name, listed)
                 if snapshot is not None:
                     found.append(snapshot)
-        _resolve_parents(found, parent_maps, self.say)
+        resolve_parents(found, parent_maps, self.say)
         entries = []
         for snap in found:
             if not snap.disks:

@@ -127,6 +127,12 @@ class _RecordWriter:
         return bytes(self.index)
 
 
+def record_of(block: bytes, zeros: bytes) -> bytes:
+    """A block's record: the zero record for a block of zeros (`zeros` is at least as long
+    as the block), else its SHA-256."""
+    return ZERO_RECORD if block == zeros[: len(block)] else hashlib.sha256(block).digest()
+
+
 def write_digests(image: BinaryIO, size: int, block_size: int, out: BinaryIO) -> bytes:
     """Write the digest file of the first `size` bytes of `image` to `out` (positioned at
     0, empty) and return its chunk index. Blocks in holes are not read; blocks that read
@@ -143,9 +149,6 @@ def write_digests(image: BinaryIO, size: int, block_size: int, out: BinaryIO) ->
             expected = min(block_size, size - n * block_size)
             if len(block) != expected:
                 raise OSError(f"image shrank while hashing (block {n})")
-            if block == zeros[: len(block)]:
-                records.add(ZERO_RECORD)
-            else:
-                records.add(hashlib.sha256(block).digest())
+            records.add(record_of(block, zeros))
     records.add_zeros(block_count(block_size, size) - records.written)
     return records.finish()

@@ -79,6 +79,22 @@ def _previous(snap_dir: Path) -> SnapshotEntry | None:
         return None
 
 
+def reused(
+    old: DiskEntry | None, size: int, mtime_ns: int, block_size: int, digests_there: bool
+) -> DiskEntry | None:
+    """`old`'s entry (without its chain, found again) when the file did not change since it
+    was hashed: same size, mtime and block size, a format 2 entry, its digest files there."""
+    if (
+        old is None
+        or (old.size_bytes, old.mtime_ns, old.block_size) != (size, mtime_ns, block_size)
+        or old.digest_index_sha256 is None  # a format 1 entry: hashed again
+        or not digests_there
+    ):
+        return None
+    return DiskEntry(old.name, old.size_bytes, old.mtime_ns, old.block_size,
+                     digest_index_sha256=old.digest_index_sha256)  # fmt: skip
+
+
 def _hashed(
     path: Path, block_size: int, old: DiskEntry | None, say: Callable[[str], None]
 ) -> DiskEntry:
@@ -87,17 +103,10 @@ def _hashed(
     st = path.stat()
     store, (host, snap, name) = path.parents[2], path.parts[-3:]
     digest_file = store / manifest.digests_path(host, snap, name)
-    if (
-        old is not None
-        and old.size_bytes == st.st_size
-        and old.mtime_ns == st.st_mtime_ns
-        and old.block_size == block_size
-        and old.digest_index_sha256 is not None  # else a format 1 entry: hashed again
-        and digest_file.exists()
-        and index_path_of(digest_file).exists()
-    ):
-        return DiskEntry(old.name, old.size_bytes, old.mtime_ns, old.block_size,
-                         digest_index_sha256=old.digest_index_sha256)  # fmt: skip
+    digests_there = digest_file.exists() and index_path_of(digest_file).exists()
+    kept = reused(old, st.st_size, st.st_mtime_ns, block_size, digests_there)
+    if kept is not None:
+        return kept
     say(f"hashing {host}/{snap}/{name} ({st.st_size} bytes)")
     index = hash_image(path, st.st_size, block_size, digest_file)
     return DiskEntry(
@@ -110,7 +119,7 @@ def _hashed(
 
 
 @dataclass
-class _Snapshot:
+class IndexedSnapshot:
     host: str
     name: str
     disks: list[DiskEntry]
@@ -121,7 +130,7 @@ class _Snapshot:
 
 def index_snapshot(
     store: Path, host: str, snap: str, block_size: int, say: Callable[[str], None]
-) -> _Snapshot | None:
+) -> IndexedSnapshot | None:
     """Hash what changed in one snapshot directory; parents are resolved by index_store."""
     snap_dir = store / host / snap
     images = find_images(snap_dir, say)
@@ -144,11 +153,11 @@ def index_snapshot(
             parents[entry.name] = image.parent
         disks.append(entry)
     ids = {i.path.name: i.unique_id for i in images if i.unique_id}
-    return _Snapshot(host, snap, disks, parents, previous, ids)
+    return IndexedSnapshot(host, snap, disks, parents, previous, ids)
 
 
-def _resolve_parents(
-    snapshots: list[_Snapshot], maps: list[ParentMap], say: Callable[[str], None]
+def resolve_parents(
+    snapshots: list[IndexedSnapshot], maps: list[ParentMap], say: Callable[[str], None]
 ) -> None:
     """Set each disk's parent to the store path of the image it names; leave out (and
     say) the disks whose parent is not in the store and those whose chain is broken."""
@@ -176,7 +185,7 @@ def _resolve_parents(
 
 def _parent_of(
     ref: ParentRef,
-    snap: _Snapshot,
+    snap: IndexedSnapshot,
     known: dict[str, DiskEntry],
     ids: dict[str, str],
     maps: list[ParentMap],
@@ -191,7 +200,7 @@ def _parent_of(
     return found
 
 
-def _entry(snap: _Snapshot, store: Path) -> SnapshotEntry:
+def _entry(snap: IndexedSnapshot, store: Path) -> SnapshotEntry:
     time_ns = snapshot_time_ns(snap.name, max((d.mtime_ns for d in snap.disks), default=0))
     entry = SnapshotEntry(snap.host, snap.name, time_ns, tuple(snap.disks))
     if entry != snap.previous:
@@ -210,7 +219,7 @@ def index_store(
         raise UserError(f"{store}: not a directory")
     if not os.access(store, os.W_OK):
         raise UserError(f"{store}: not writable (index writes metadata next to the images)")
-    found: list[_Snapshot] = []
+    found: list[IndexedSnapshot] = []
     _skip_stray_files(store, "not in a host directory", say)
     for host_dir in sorted(p for p in store.iterdir() if p.is_dir()):
         if host_dir.name == manifest.META_DIR:  # the catalogue's host parts
@@ -224,7 +233,7 @@ def index_store(
             snap = index_snapshot(store, host_dir.name, snap_dir.name, block_size, say)
             if snap is not None:
                 found.append(snap)
-    _resolve_parents(found, parent_maps or [], say)
+    resolve_parents(found, parent_maps or [], say)
     catalogue = Catalogue(tuple(_entry(s, store) for s in found if s.disks))
     write_catalogue(store, catalogue)
     return catalogue

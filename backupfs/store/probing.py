@@ -41,21 +41,28 @@ def _open(path: Path, fmt: str) -> FoundImage:
     return FoundImage(path, fmt, layer.virtual_size, layer.parent, local.paths[1:], unique_id)
 
 
+NOT_AN_IMAGE = ("not a disk image (no qcow2, VMDK, VHD or VHDX header; raw images are "
+                "indexed by the names *.img and *.raw)")  # fmt: skip
+
+
+def stored_format(name: str, detected: str | None) -> str | None:
+    """What a file named `name` is indexed as, given the format its header shows: "raw"
+    for `.raw` (whatever it holds) and for a headerless `.img`; None when it is no image."""
+    if name.endswith(RAW_SUFFIXES[1]) or (detected is None and name.endswith(RAW_SUFFIXES)):
+        return "raw"
+    return detected
+
+
 def _classify(path: Path) -> FoundImage | str:
     """The image at `path`, or why it is not one."""
     if not path.is_file():
         return "not a regular file"
     try:
         manifest.check_name(path.name, "disk")
-        fmt = detect_file(path)
-        if path.name.endswith(RAW_SUFFIXES[1]) or (
-            fmt is None and path.name.endswith(RAW_SUFFIXES)
-        ):
-            return FoundImage(path, "raw")
+        fmt = stored_format(path.name, detect_file(path))
         if fmt is None:
-            return ("not a disk image (no qcow2, VMDK, VHD or VHDX header; raw images are "
-                    "indexed by the names *.img and *.raw)")  # fmt: skip
-        return _open(path, fmt)
+            return NOT_AN_IMAGE
+        return FoundImage(path, "raw") if fmt == "raw" else _open(path, fmt)
     except (FormatError, ManifestError) as exc:
         return str(exc).removeprefix(f"{path.name}: ")
     except OSError as exc:
