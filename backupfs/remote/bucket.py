@@ -7,17 +7,16 @@ the same signatures, error lines and retries as the mount's client.
 
 import hashlib
 import logging
-import random
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from urllib.parse import quote
 
 import httpx
 
 from backupfs.errors import FetchError, StoreError
 from backupfs.remote import checks, s3errors
-from backupfs.remote.client import redact
+from backupfs.remote.client import backoff_s, redact
 from backupfs.remote.failures import http_error
 from backupfs.remote.listing import StoredObject, parse_list_page
 from backupfs.remote.target import StoreTarget
@@ -57,10 +56,16 @@ class Bucket:
         return client
 
     def _request(
-        self, method: str, url: str, expect: tuple[int, ...], **kwargs: object
+        self,
+        method: str,
+        url: str,
+        expect: tuple[int, ...],
+        check: Callable[[httpx.Response], None] | None = None,
+        **kwargs: object,
     ) -> httpx.Response:
         """One request with retries of transient failures; the reply must have a status
-        in `expect`. S3 error replies become their one line (s3errors.py)."""
+        in `expect` and pass `check` (a FetchError). S3 error replies become their one line
+        (s3errors.py)."""
         for attempt in range(self.retries + 1):
             try:
                 try:
@@ -68,6 +73,8 @@ class Bucket:
                 except httpx.HTTPError as exc:
                     raise http_error(exc, url) from None
                 if resp.status_code in expect:
+                    if check is not None:
+                        check(resp)
                     return resp
                 error = s3errors.s3_error(resp.status_code, resp.content[: 1 << 16])
                 if error is None:
@@ -78,7 +85,7 @@ class Bucket:
             except FetchError as exc:
                 if not exc.transient or attempt == self.retries:
                     raise StoreError(f"{method} {redact(url)}: {exc}") from None
-                delay = min(0.2 * 2**attempt, 4.0) * random.uniform(0.5, 1)
+                delay = backoff_s(attempt)
                 log.info("%s %s: %s; retrying in %.2fs", method, redact(url), exc, delay)
                 time.sleep(delay)
         raise AssertionError("unreachable")
@@ -108,19 +115,14 @@ class Bucket:
     def get_range(self, key: str, start: int, end: int, etag: str, total: int) -> bytes:
         """Bytes `[start, end)` of `key`, which must still be the object listed as `etag`."""
         headers = {"Range": f"bytes={start}-{end - 1}", "If-Match": etag}
-        url = self.url(key)
-        for attempt in range(self.retries + 1):
-            resp = self._request("GET", url, (206,), headers=headers)
-            try:
-                checks.check_range_headers(resp.headers, start, end, total, None)
-                if len(resp.content) != end - start:
-                    raise FetchError(f"short body: {len(resp.content)} of {end - start}",
-                                     transient=True)  # fmt: skip
-                return resp.content
-            except FetchError as exc:
-                if not exc.transient or attempt == self.retries:
-                    raise StoreError(f"{redact(url)}: {exc}") from None
-        raise AssertionError("unreachable")
+
+        def check(resp: httpx.Response) -> None:
+            checks.check_range_headers(resp.headers, start, end, total, None)
+            if len(resp.content) != end - start:
+                raise FetchError(f"short body: {len(resp.content)} of {end - start}",
+                                 transient=True)  # fmt: skip
+
+        return self._request("GET", self.url(key), (206,), check, headers=headers).content
 
     def first_byte(self, key: str) -> httpx.Response:
         """The reply to `Range: bytes=0-0` (a 206: its Content-Range gives the length)."""

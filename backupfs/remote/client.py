@@ -37,6 +37,11 @@ _BACKOFF_FIRST_S = 0.2
 _BACKOFF_MAX_S = 4.0
 
 
+def backoff_s(n: int) -> float:
+    """How long to wait before attempt `n + 1`: exponential, capped, jittered."""
+    return min(_BACKOFF_FIRST_S * 2**n, _BACKOFF_MAX_S) * random.uniform(0.5, 1)
+
+
 def check_base_url(url: str) -> str:
     """The store URL with a trailing slash; credentials in it are refused (ps would show them)."""
     parts = urlsplit(url)
@@ -142,7 +147,7 @@ class StoreClient:
 
     async def _back_off(self, n: int, what: str, exc: FetchError) -> None:
         """Wait before attempt `n + 1` (exponential, jittered), and count the retry."""
-        delay = min(_BACKOFF_FIRST_S * 2**n, _BACKOFF_MAX_S) * random.uniform(0.5, 1)
+        delay = backoff_s(n)
         log.info("%s: %s; retrying in %.2fs", what, exc, delay)
         self.stats.retries += 1
         await trio.sleep(delay)

@@ -27,6 +27,7 @@ from backupfs.remote.bucket import Bucket
 from backupfs.remote.client import redact
 from backupfs.store import manifest
 from backupfs.store.image import Image
+from backupfs.store.indexer import snapshot_time_ns
 from backupfs.store.manifest import Catalogue, DiskEntry, SnapshotEntry
 
 log = logging.getLogger(__name__)
@@ -147,8 +148,6 @@ class Discovery:
 
 
 def _catalogue(found: dict[tuple[str, str], list[DiskEntry]]) -> Catalogue:
-    from backupfs.store.indexer import snapshot_time_ns
-
     snapshots = []
     for (host, snap), disks in sorted(found.items()):
         time_ns = snapshot_time_ns(snap, max(d.mtime_ns for d in disks))

@@ -23,11 +23,11 @@ import pytest
 from tests.support.attachment import attach_env, attached
 from tests.support.kernel import needs_filesystems, needs_root_fuse_loop
 from tests.support.mounting import run_cli
+from tests.support.nobody import NOBODY
 from tests.support.system import is_mounted, mount_points_under, tmpfs_mounted, unmount
 
 pytestmark = [needs_root_fuse_loop, needs_filesystems("ext2", "ext4")]
 
-NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
 REPO = Path(__file__).resolve().parents[2]
 SECRET = b"root's secret, from the backup\n"
 
