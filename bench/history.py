@@ -11,7 +11,8 @@ delaying proxy. Then, medians of --runs:
 - `backupfs log URL bench /etc/ssh/sshd_config --stats` (wall time, bytes fetched), and
   the alternative: mount the store, attach each snapshot in turn, stat the file, detach;
 - `backupfs diff --stats` of the last two snapshots (wall time, bytes fetched, as a share
-  of the image), and the alternative: attach both and `diff -rq` them.
+  of the image), and the alternative: attach both and `diff -rq` them; and what a walk of
+  one snapshot alone fetches (`find` of a name that matches nothing), diff's floor.
 
 Needs root, nginx, fuse3, e2fsprogs. Takes a while (the images are full copies).
 """
@@ -139,6 +140,10 @@ def main() -> int:
                 rows.setdefault("log: backupfs log (s)", []).append(s)
                 rows.setdefault("log: backupfs log (MB fetched)", []).append(fetched(err) / 1e6)
                 a, b = names[-2], names[-1]
+                s, err = timed([*BACKUPFS, "find", "--stats", url, f"bench/{a}", "no-such-name"])
+                rows.setdefault("diff's part: a walk of one snapshot (% fetched)", []).append(
+                    fetched(err) / image_bytes * 100
+                )
                 s, err = timed([*BACKUPFS, "diff", "--stats", url, f"bench/{a}", f"bench/{b}"])
                 rows.setdefault("diff: backupfs diff (s)", []).append(s)
                 share = fetched(err) / image_bytes * 100
