@@ -121,6 +121,8 @@ def history(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[History]:
     fstype = str(request.param)
+    if os.geteuid() != 0:
+        pytest.skip("making the images and running as nobody need root")
     if missing_filesystems(fstype):  # the images are made through the kernel's driver
         pytest.skip(f"the running kernel has no {fstype} driver")
     if fstype == "xfs":

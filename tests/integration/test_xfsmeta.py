@@ -24,9 +24,16 @@ import pytest
 from backupfs.plan.fsmeta import FileInfo, FsError
 from backupfs.plan.xfsmeta import Damaged, NotXfs, Xfs
 from tests.support.fsimages import run_tool
+from tests.support.kernel import needs_filesystems
 from tests.support.system import unmount
 from tests.support.trees import make_tree
 from tests.unit.test_xfsmeta import OFFSET, SIZE, Image, be, bounded, content, walk
+
+# The images are filled through a loop mount of the kernel's xfs driver.
+pytestmark = [
+    needs_filesystems("xfs"),
+    pytest.mark.skipif(os.geteuid() != 0, reason="loop-mounting needs root"),
+]
 
 GEOMETRIES = {  # mkfs.xfs options
     "v5": "",
