@@ -123,27 +123,24 @@ def cmd_diff(args: argparse.Namespace) -> int:
 def cmd_cat(args: argparse.Namespace) -> int:
     import trio
 
-    from backupfs.snapshots.queries import cat_chunks, read_file
+    from backupfs.snapshots.queries import cat_places, read_file
 
-    def job_sync(session: "Session") -> Awaitable[int]:
-        async def job() -> int:
-            report, found, path = await cat_chunks(session, args.spec)
-            for error in report.errors:
-                print(f"backupfs: {error}", file=sys.stderr)
-            if len(found) != 1:
-                which = ", ".join(p.where for p in found) or "none readable"
-                raise UserError(f"{args.spec}: name one filesystem (HOST/SNAPSHOT/DISK:pN:/PATH;"
-                                f" found {which})")  # fmt: skip
+    async def job(session: "Session") -> int:
+        report, found, path = await cat_places(session, args.spec)
+        for error in report.errors:
+            print(f"backupfs: {error}", file=sys.stderr)
+        if len(found) != 1:
+            which = ", ".join(p.where for p in found) or "none readable"
+            raise UserError(f"{args.spec}: name one filesystem (HOST/SNAPSHOT/DISK:pN:/PATH;"
+                            f" found {which})")  # fmt: skip
 
-            def copy() -> None:
-                out = sys.stdout.buffer
-                for chunk in read_file(found[0], path):
-                    out.write(chunk)
-                out.flush()
+        def copy() -> None:
+            out = sys.stdout.buffer
+            for chunk in read_file(found[0], path):
+                out.write(chunk)
+            out.flush()
 
-            await trio.to_thread.run_sync(copy)
-            return 0
+        await trio.to_thread.run_sync(copy)
+        return 0
 
-        return job()
-
-    return _run(args, args.spec.partition("/")[0], job_sync)
+    return _run(args, args.spec.partition("/")[0], job)

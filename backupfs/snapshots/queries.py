@@ -180,8 +180,8 @@ async def log(
     return report
 
 
-async def cat_chunks(session: Session, spec: str) -> tuple[Report, list[Place], str]:
-    """The place and path of `host/snapshot/disk:pN:/path`."""
+async def cat_places(session: Session, spec: str) -> tuple[Report, list[Place], str]:
+    """The filesystems `host/snapshot/disk[:pN]:/path` can mean, and the path in them."""
     left, sep, path = spec.partition(":/")
     disk_spec, _, partition = left.rpartition(":") if left.count(":") else (left, "", "")
     if not sep or disk_spec.count("/") != 2:
